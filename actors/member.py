@@ -1,0 +1,203 @@
+"""The member host: one model, loaded once, called on batches of rows.
+
+A plain callable class, so it runs (and is tested) without Ray as well as inside a
+Ray Data actor pool. Everything model-specific sits behind :class:`MemberBackend`.
+
+Example::
+
+    host = MemberHost(member=cfg.members[0], spec=spec, task="classification",
+                      num_labels=2, text_column="text")
+    out = host(pyarrow_table)          # adds the column host.output_column
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from actors.loading import MemberSpec, load_hf_model, pick_device
+from actors.reducer import align_logits
+
+__all__ = ["HFBackend", "MemberBackend", "MemberHost", "member_output_column"]
+
+
+class MemberBackend(Protocol):
+    """What a member's model must offer. Hugging Face, custom and ONNX models plug in here."""
+
+    pad_token_id: int
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> dict[str, list[list[int]]]:
+        """Token ids (and any other per-token inputs) per row, truncated, not padded."""
+        ...
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Padded ``(b, t)`` int arrays (with ``attention_mask``) in, ``(b, k)`` float32 out:
+        logits for classification, a pooled vector for embeddings."""
+        ...
+
+
+class HFBackend:
+    """A transformers model: sequence classification logits, or mean-pooled embeddings."""
+
+    def __init__(self, member: Any, task: str, device: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self.task = task
+        self.max_length = member.max_length
+        self.tokenizer, self.model = load_hf_model(member, task, device)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else 0
+        # The model takes only the inputs its forward() names (e.g. no token_type_ids for RoBERTa).
+        import inspect
+
+        accepted = set(inspect.signature(self.model.forward).parameters)
+        self._keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted]
+        if "attention_mask" not in self._keys:
+            self._keys.append("attention_mask")  # always built for pooling
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> dict[str, list[list[int]]]:
+        enc = self.tokenizer(
+            list(texts),
+            list(pairs) if pairs is not None else None,
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=False,
+        )
+        out = {"input_ids": enc["input_ids"]}
+        if "token_type_ids" in self._keys and "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        tensors = {
+            k: torch.from_numpy(v).to(self.device, non_blocking=True)
+            for k, v in inputs.items()
+            if k in self._keys
+        }
+        with torch.inference_mode():
+            out = self.model(**tensors)
+            if self.task == "embedding":
+                hidden = out.last_hidden_state
+                mask = tensors["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                return pooled.float().cpu().numpy()
+            return out.logits.float().cpu().numpy()
+
+
+def member_output_column(name: str) -> str:
+    """The intermediate column a member writes; the reducer consumes and drops it."""
+    return f"__member__{name}"
+
+
+def pad_batch(
+    encoded: dict[str, list[list[int]]], rows: Sequence[int], pad_token_id: int
+) -> dict[str, np.ndarray]:
+    """Right-pad the chosen rows to their longest length."""
+    ids = encoded["input_ids"]
+    width = max(len(ids[r]) for r in rows)
+    out: dict[str, np.ndarray] = {}
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for key, seqs in encoded.items():
+        arr = np.full((len(rows), width), pad_token_id if key == "input_ids" else 0, dtype=np.int64)
+        for j, r in enumerate(rows):
+            seq = seqs[r]
+            arr[j, : len(seq)] = seq
+            mask[j, : len(seq)] = 1
+        out[key] = arr
+    out["attention_mask"] = mask
+    return out
+
+
+class MemberHost:
+    """Runs one member over batches: tokenise, sort by length, micro-batch, forward, align.
+
+    Rows whose ``error`` column is set (bad input) are skipped and get a row of NaN.
+    """
+
+    def __init__(
+        self,
+        *,
+        member: Any,
+        spec: MemberSpec,
+        task: str,
+        num_labels: int,
+        text_column: str,
+        text_pair_column: str | None = None,
+        threads: int | None = None,
+        backend: MemberBackend | None = None,
+    ) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.member = member
+        self.spec = spec
+        self.task = task
+        self.num_labels = num_labels
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.output_column = member_output_column(member.name)
+        self.backend = backend or HFBackend(member, task, pick_device(member.num_gpus))
+        # Counters for padding efficiency: real tokens / padded tokens.
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    def infer(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
+        """Outputs for a list of valid texts, in their order: aligned logits ``(n, L)`` or
+        raw embeddings ``(n, d)``, float32."""
+        n = len(texts)
+        if n == 0:
+            width = (
+                self.num_labels if self.task == "classification" else (self.spec.hidden_size or 0)
+            )
+            return np.zeros((0, width), dtype=np.float32)
+        encoded = self.backend.encode(texts, pairs)
+        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
+        # Sorting by length keeps rows of one micro-batch alike, so padding stays small.
+        order = np.argsort(lengths, kind="stable")
+        size = self.member.batch_size
+        chunks = []
+        for start in range(0, n, size):
+            rows = order[start : start + size]
+            inputs = pad_batch(encoded, rows, self.backend.pad_token_id)
+            self.real_tokens += int(lengths[rows].sum())
+            self.padded_tokens += int(inputs["input_ids"].size)
+            chunks.append(self.backend.forward(inputs))
+        raw = np.empty((n, chunks[0].shape[1]), dtype=np.float32)
+        raw[order] = np.concatenate(chunks)
+        if self.task == "embedding":
+            return raw
+        return align_logits(
+            raw, self.spec.label_index, self.num_labels, single_logit=self.spec.single_logit
+        ).astype(np.float32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(valid)
+        texts = batch.column(self.text_column).take(rows).to_pylist()
+        pairs = None
+        if self.text_pair_column:
+            pairs = batch.column(self.text_pair_column).take(rows).to_pylist()
+        values = self.infer(texts, pairs)
+        width = values.shape[1]
+        full = np.full((n, width), np.nan, dtype=np.float32)
+        full[rows] = values
+        column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
+        return batch.append_column(self.output_column, column)
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else math.nan

@@ -1,0 +1,326 @@
+"""The ensemble config: one frozen, validated model; YAML is only its serialisation.
+
+Example::
+
+    >>> from pipelines.config import EnsembleConfig
+    >>> cfg = EnsembleConfig.model_validate({
+    ...     "name": "demo", "labels": ["negative", "positive"],
+    ...     "members": [{"name": "alpha", "model": "org/alpha"}],
+    ... })
+    >>> cfg.reducer.combine
+    'weighted_mean'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "COMBINE_METHODS",
+    "ConfigError",
+    "EnsembleConfig",
+    "InputConfig",
+    "MemberConfig",
+    "ReducerConfig",
+    "Replicas",
+    "load_config",
+]
+
+CLASSIFICATION_COMBINE = (
+    "mean",
+    "weighted_mean",
+    "geometric_mean",
+    "majority_vote",
+    "max",
+    "stacking",
+)
+EMBEDDING_COMBINE = ("concat", "mean")
+COMBINE_METHODS = CLASSIFICATION_COMBINE + ("concat",)
+
+# Columns the scorer writes; an input column with one of these names would be overwritten.
+OUTPUT_COLUMNS = ("label", "score", "probs", "agreement", "entropy", "error", "embedding")
+MEMBER_OUTPUT_PREFIXES = ("probs__", "embedding__")
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or the command line: reported without a traceback, exit code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Replicas(_Strict):
+    """An autoscaling range of actor replicas."""
+
+    min: int = Field(1, ge=1, description="Fewest replicas kept running.")
+    max: int = Field(1, ge=1, description="Most replicas started under load.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
+class InputConfig(_Strict):
+    """Which input columns hold the text and the row ids."""
+
+    text_column: str = Field("text", min_length=1, description="Column holding the text to score.")
+    text_pair_column: str | None = Field(
+        None, description="Optional second text segment (NLI, sentence pairs)."
+    )
+    id_column: str = Field(
+        "id",
+        min_length=1,
+        description="Passed through; when absent from the input, stable unique ids are made "
+        "as '<file>:<row>'.",
+    )
+
+
+class MemberConfig(_Strict):
+    """One model of the ensemble."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z0-9_]+$",
+        description="Unique; lower-case letters, digits and '_'. Used in output column names.",
+    )
+    model: str = Field(
+        ...,
+        min_length=1,
+        description="Local Hugging Face model directory (relative to the config file) or a hub id.",
+    )
+    weight: float = Field(1.0, ge=0, description="Weight in the combination.")
+    temperature: float = Field(1.0, gt=0, description="Logits are divided by it before softmax.")
+    label_map: dict[str, str] | None = Field(
+        None, description="Member label -> canonical label; by name (case-insensitive) when absent."
+    )
+    max_length: int = Field(
+        256, ge=1, description="Longer inputs are truncated to this many tokens."
+    )
+    batch_size: int = Field(64, ge=1, description="Rows per forward pass.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica: 1 whole, 0.25 a share, 0 CPU.")
+    num_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per replica (also its torch thread count, rounded up). "
+        "Default: 1 with a GPU; on CPU an even share of the cluster's CPUs.",
+    )
+    replicas: int | Replicas = Field(
+        1, description="Actor replicas: a number, or {min, max} to autoscale."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16/float16 on a GPU that supports it, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own code. Only for models you trust."
+    )
+    train: dict[str, Any] | None = Field(
+        None, description="Fine-tuning settings used by `ray-ensemble train`."
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _positive_replicas(cls, value: int | Replicas) -> int | Replicas:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("replicas must be at least 1")
+        return value
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        if isinstance(self.replicas, int):
+            return self.replicas, self.replicas
+        return self.replicas.min, self.replicas.max
+
+
+class ReducerConfig(_Strict):
+    """How the members' outputs are combined."""
+
+    combine: Literal[
+        "mean", "weighted_mean", "geometric_mean", "majority_vote", "max", "stacking", "concat"
+    ] = Field(
+        None,  # type: ignore[assignment]  # filled per task below
+        description="classification: mean | weighted_mean | geometric_mean | majority_vote | max; "
+        "embedding: concat | mean. Default: weighted_mean (classification), mean (embedding).",
+    )
+    output_members: bool = Field(True, description="Also write each member's distribution.")
+
+
+class ServeConfig(_Strict):
+    """Online limits and batching; filled in by the serving work."""
+
+
+class EnsembleConfig(_Strict):
+    """The whole ensemble: its members and how they are combined."""
+
+    name: str = Field(..., min_length=1, description="Name of the ensemble.")
+    task: Literal["classification", "embedding"] = Field(
+        "classification", description="classification | embedding"
+    )
+    labels: list[str] | None = Field(None, description="Canonical label order (classification).")
+    input: InputConfig = Field(default_factory=InputConfig, description="Input columns.")
+    members: list[MemberConfig] = Field(..., min_length=1, description="The member models.")
+    reducer: ReducerConfig = Field(default_factory=ReducerConfig, description="Combination.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Online serving.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_combine(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            reducer = data.get("reducer") or {}
+            if isinstance(reducer, dict) and reducer.get("combine") is None:
+                default = "mean" if data.get("task") == "embedding" else "weighted_mean"
+                data = {**data, "reducer": {**reducer, "combine": default}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnsembleConfig:
+        names = [m.name for m in self.members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate member name(s) {dupes}: give every member a unique name")
+        combine = self.reducer.combine
+        if self.task == "classification":
+            if not self.labels:
+                raise ValueError(
+                    "labels: a classification ensemble needs its canonical labels, "
+                    "e.g. labels: [negative, positive]"
+                )
+            lowered = [label.lower() for label in self.labels]
+            if len(set(lowered)) != len(lowered):
+                raise ValueError(f"labels: {self.labels} has duplicates (case-insensitive)")
+            if combine not in CLASSIFICATION_COMBINE:
+                raise ValueError(
+                    f"reducer.combine: '{combine}' is for embeddings; use one of "
+                    f"{list(CLASSIFICATION_COMBINE[:-1])}"
+                )
+            if combine == "stacking":
+                raise ValueError(
+                    "reducer.combine: 'stacking' needs a meta-model fitted by "
+                    "`ray-ensemble fit`, which is not available yet; use "
+                    "weighted_mean or geometric_mean"
+                )
+        else:
+            if self.labels:
+                raise ValueError("labels: an embedding ensemble has no labels; remove the key")
+            if combine not in EMBEDDING_COMBINE:
+                raise ValueError(
+                    f"reducer.combine: '{combine}' is for classification; an "
+                    f"embedding ensemble takes one of {list(EMBEDDING_COMBINE)}"
+                )
+        if sum(m.weight for m in self.members) <= 0:
+            raise ValueError("members[*].weight: at least one member needs a weight above 0")
+        if self.input.text_pair_column == self.input.text_column:
+            raise ValueError("input.text_pair_column must differ from input.text_column")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels or ())
+
+    def output_columns(self) -> list[str]:
+        """The columns the scorer adds to each input row, in order."""
+        if self.task == "embedding":
+            cols = ["embedding"]
+            prefix = "embedding__"
+        else:
+            cols = ["label", "score", "probs", "agreement", "entropy"]
+            prefix = "probs__"
+        if self.reducer.output_members:
+            cols += [prefix + m.name for m in self.members]
+        return cols + ["error"]
+
+
+def _looks_like_path(model: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else is meant as a local path.
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def resolve_model_path(model: str, base_dir: Path) -> str:
+    """A local directory as an absolute path; a hub id unchanged."""
+    candidate = (base_dir / Path(model).expanduser()).resolve()
+    if candidate.is_dir():
+        return str(candidate)
+    if _looks_like_path(model):
+        raise FileNotFoundError(str(candidate))
+    return model
+
+
+def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in err.errors():
+        loc = ""
+        node = data
+        for part in item["loc"]:
+            if isinstance(part, int):
+                loc += f"[{part}]"
+                if isinstance(node, list) and part < len(node) and isinstance(node[part], dict):
+                    name = node[part].get("name")
+                    if name:
+                        loc += f" ({name})"
+            elif part in ("int", "Replicas", "function-after[_ordered(), Replicas]"):
+                continue  # union branch names say nothing to a user
+            else:
+                loc += f".{part}" if loc else str(part)
+            node = (
+                node.get(part)
+                if isinstance(node, dict) and isinstance(part, str)
+                else (
+                    node[part]
+                    if isinstance(node, list) and isinstance(part, int) and part < len(node)
+                    else None
+                )
+            )
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see the config reference in README.md)"
+        elif item["type"] == "literal_error":
+            msg = f"{msg}, got {item.get('input')!r}"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str]) -> EnsembleConfig:
+    """Read and validate a YAML config; local model paths are resolved against its folder.
+
+    Raises ConfigError with a message naming the key and the fix.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def config_from_dict(
+    data: dict[str, Any], *, base_dir: Path, source: str = "config"
+) -> EnsembleConfig:
+    try:
+        cfg = EnsembleConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data, source)) from None
+    members = []
+    for i, member in enumerate(cfg.members):
+        try:
+            model = resolve_model_path(member.model, base_dir)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"{source}: members[{i}] ({member.name}).model: directory {exc} does not exist; "
+                "fix the path (relative paths are read from the config file's folder), train the "
+                "member first, or give a hub id"
+            ) from None
+        members.append(member.model_copy(update={"model": model}))
+    return cfg.model_copy(update={"members": members})
