@@ -48,7 +48,7 @@ def _read_config(member: MemberConfig) -> Any:
         if "trust_remote_code" in str(exc):
             hint = "this model runs its own code: set trust_remote_code: true only if you trust it"
         raise MemberLoadError(
-            f"members ({member.name}).model: cannot load a model config from {where} "
+            f"model: cannot load a model config from {where} "
             f"'{member.model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; {hint}"
         ) from None
 
@@ -88,7 +88,7 @@ def describe_member(member: MemberConfig, ensemble: EnsembleConfig) -> MemberSpe
                 raise AlignmentError("the model config has no labels (num_labels is 0)")
             index = build_label_index(model_labels, labels, member.label_map)
     except AlignmentError as exc:
-        raise MemberLoadError(f"members ({member.name}): {exc}") from None
+        raise MemberLoadError(str(exc)) from None
     return MemberSpec(member.name, index, single_logit, multi_label, model_labels, None)
 
 

@@ -254,7 +254,11 @@ def resolve_model_path(model: str, base_dir: Path) -> str:
 
 def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = [f"{source}: invalid config"]
-    for item in err.errors():
+    items = err.errors()
+    union_tags = ("int", "Replicas", "function-after[_ordered(), Replicas]")
+    # `replicas` is a number or {min, max}: report only the branch the user wrote.
+    items = [i for i in items if not ("int" in i["loc"] and isinstance(i["input"], dict))]
+    for item in items:
         loc = ""
         node = data
         for part in item["loc"]:
@@ -264,7 +268,7 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
                     name = node[part].get("name")
                     if name:
                         loc += f" ({name})"
-            elif part in ("int", "Replicas", "function-after[_ordered(), Replicas]"):
+            elif part in union_tags:
                 continue  # union branch names say nothing to a user
             else:
                 loc += f".{part}" if loc else str(part)

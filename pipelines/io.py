@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -214,9 +215,16 @@ class InputDatasource(Datasource):
             n = table.num_rows
             if READ_ERROR_COLUMN not in table.column_names:
                 table = table.append_column(READ_ERROR_COLUMN, pa.nulls(n, pa.string()))
+            made = pa.array([f"{name}:{i}" for i in range(start, start + n)], pa.string())
             if self.id_column not in table.column_names:
-                ids = pa.array([f"{name}:{i}" for i in range(start, start + n)], pa.string())
-                table = table.append_column(self.id_column, ids)
+                table = table.append_column(self.id_column, made)
+            else:
+                ids = table.column(self.id_column)
+                if ids.null_count and (pa.types.is_string(ids.type) or pa.types.is_null(ids.type)):
+                    # A row with no id (an unreadable JSONL line, say) still needs one.
+                    filled = pc.if_else(pc.is_null(ids), made, ids.cast(pa.string()))
+                    index = table.column_names.index(self.id_column)
+                    table = table.set_column(index, self.id_column, filled)
             start += n
             yield table
 

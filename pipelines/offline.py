@@ -66,11 +66,11 @@ class EnsemblePlan:
 def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
     """Read every member's model config and align its labels; raises ConfigError."""
     specs = []
-    for member in cfg.members:
+    for i, member in enumerate(cfg.members):
         try:
             specs.append(describe_member(member, cfg))
         except MemberLoadError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"members[{i}] ({member.name}): {exc}") from None
     multi = {s.name: s.multi_label for s in specs}
     if cfg.task == "classification" and len(set(multi.values())) > 1:
         raise ConfigError(

@@ -1,0 +1,51 @@
+"""One local Ray cluster per test session, and tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Members with different architectures, label orders and label names."""
+    from jobs.example import build_classifier
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        # canonical order, by name
+        "alpha": build_classifier(root / "alpha", id2label={0: "negative", 1: "positive"}, seed=1),
+        # reversed order, upper case
+        "beta": build_classifier(
+            root / "beta", id2label={0: "POSITIVE", 1: "NEGATIVE"}, arch="distilbert", seed=2
+        ),
+        # default names: needs a label_map
+        "gamma": build_classifier(
+            root / "gamma", id2label={0: "LABEL_0", 1: "LABEL_1"}, seed=3, layers=1
+        ),
+        # three labels, in its own order
+        "tri": build_classifier(
+            root / "tri", id2label={0: "neutral", 1: "positive", 2: "negative"}, seed=4
+        ),
+        # a single-logit binary head
+        "single": build_classifier(root / "single", id2label={0: "LABEL_0"}, seed=5),
+        # an encoder for the embedding task
+        "encoder": build_classifier(root / "encoder", id2label={}, seed=6, task="embedding"),
+    }

@@ -1,0 +1,126 @@
+"""The member host on its own, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.member import MemberHost
+from jobs.example import make_texts
+from pipelines.config import config_from_dict
+from pipelines.offline import plan_ensemble
+from tests.oracle import plain_embeddings, plain_logits
+
+
+def make_host(
+    models,
+    model: str,
+    tmp_path,
+    *,
+    labels=("negative", "positive"),
+    task="classification",
+    **member_kw,
+):
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": task,
+            "labels": list(labels) if task == "classification" else None,
+            "members": [{"name": model, "model": str(models[model]), **member_kw}],
+        },
+        base_dir=tmp_path,
+    )
+    plan = plan_ensemble(cfg)
+    return MemberHost(
+        member=cfg.members[0],
+        spec=plan.specs[0],
+        task=task,
+        num_labels=cfg.num_labels,
+        text_column="text",
+        threads=1,
+    )
+
+
+def batch_of(texts, errors=None) -> pa.Table:
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.string()),
+            "error": pa.array(errors or [None] * len(texts), pa.string()),
+        }
+    )
+
+
+def test_host_matches_plain_transformers_and_skips_bad_rows(models, tmp_path):
+    host = make_host(models, "beta", tmp_path, batch_size=4, max_length=16)
+    texts = make_texts(11, seed=3)
+    errors = [None] * 11
+    errors[4] = "'text' is empty"
+    out = host(batch_of(texts, errors))
+    assert out.column_names == ["text", "error", host.output_column]
+    got = np.array(out.column(host.output_column).to_pylist(), dtype=float)
+    assert np.isnan(got[4]).all()
+    ok = [i for i in range(11) if i != 4]
+    # beta's labels are (POSITIVE, NEGATIVE): canonical order flips them
+    expected = plain_logits(models["beta"], [texts[i] for i in ok], max_length=16)[:, ::-1]
+    np.testing.assert_allclose(got[ok], expected, atol=1e-5)
+
+
+def test_batched_equals_single(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path, batch_size=8)
+    texts = make_texts(30, seed=9)
+    batched = host.infer(texts)
+    single = np.concatenate([host.infer([t]) for t in texts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_length_sorting_keeps_padding_small(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path, batch_size=8)
+    host.infer(make_texts(256, seed=1))
+    assert host.padding_efficiency > 0.8
+
+
+def test_truncation_to_max_length(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path, max_length=5)
+    long_text = " ".join(["good"] * 200)
+    got = host.infer([long_text])
+    np.testing.assert_allclose(
+        got, plain_logits(models["alpha"], [long_text], max_length=5), atol=1e-5
+    )
+    assert host.real_tokens == 5
+
+
+def test_missing_canonical_label_is_nan(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path, labels=("negative", "neutral", "positive"))
+    got = host.infer(["good film"])
+    assert np.isnan(got[0, 1]) and np.isfinite(got[0, [0, 2]]).all()
+
+
+def test_single_logit_head(models, tmp_path):
+    host = make_host(models, "single", tmp_path)
+    got = host.infer(["bad film"])
+    z = plain_logits(models["single"], ["bad film"])[0, 0]
+    np.testing.assert_allclose(got[0], [0.0, z], atol=1e-5)
+
+
+def test_embedding_host_mean_pools(models, tmp_path):
+    host = make_host(models, "encoder", tmp_path, task="embedding")
+    texts = make_texts(5, seed=2)
+    np.testing.assert_allclose(
+        host.infer(texts), plain_embeddings(models["encoder"], texts), atol=1e-5
+    )
+
+
+def test_all_rows_bad_gives_an_empty_forward(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path)
+    out = host(batch_of([None, ""], ["'text' is null", "'text' is empty"]))
+    assert np.isnan(np.array(out.column(host.output_column).to_pylist(), dtype=float)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_is_applied(models, tmp_path, dtype):
+    import torch
+
+    host = make_host(models, "alpha", tmp_path, dtype=dtype)
+    assert next(host.backend.model.parameters()).dtype == getattr(torch, dtype)
+    assert np.isfinite(host.infer(["good"])).all()
