@@ -55,6 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPUs for the local Ray instance (default: all); ignored with --address",
     )
+    serve_cmd = sub.add_parser(
+        "serve",
+        help="serve the ensemble over HTTP (Ray Serve)",
+        description="Serve POST /v1/predict, GET /healthz and GET /v1/ensemble until Ctrl-C "
+        "or SIGTERM. Limits and batching come from the config's serve: block.",
+    )
+    serve_cmd.add_argument("config", help="ensemble config (YAML)")
+    serve_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve_cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve_cmd.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (env RAY_ADDRESS); default: start a local Ray instance",
+    )
+    serve_cmd.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs for the local Ray instance"
+    )
+    serve_config = sub.add_parser(
+        "serve-config",
+        help="print a Serve config file for `serve deploy` / `serve run`",
+        description="Print a Ray Serve config (YAML) that runs this ensemble with "
+        "`serve deploy serve.yaml` on a cluster or `serve run serve.yaml` locally.",
+    )
+    serve_config.add_argument("config", help="ensemble config (YAML)")
+    serve_config.add_argument("--host", default="127.0.0.1", help="address the proxy binds")
+    serve_config.add_argument("--port", type=int, default=8000, help="port the proxy binds")
     return parser
 
 
@@ -107,6 +135,84 @@ def _score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pipelines.config import load_config
+    from pipelines.offline import plan_ensemble
+
+    plan = plan_ensemble(load_config(args.config))
+    if not 0 < args.port < 65536:
+        print(f"ray-ensemble: error: --port {args.port} is not a port number", file=sys.stderr)
+        return EXIT_USAGE
+    started_ray = _start_ray(args.address, args.num_cpus)
+    from ray import serve
+
+    from pipelines.online import build_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(
+            http_options={
+                "host": args.host,
+                "port": args.port,
+                "request_timeout_s": plan.config.serve.request_timeout_s + 5,
+            }
+        )
+        serve.run(build_app(plan), name=plan.config.name, route_prefix="/")
+        print(
+            f"serving '{plan.config.name}' on http://{args.host}:{args.port} "
+            "(POST /v1/predict, GET /healthz, GET /v1/ensemble, docs at /docs); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        print("ray-ensemble: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    return EXIT_OK
+
+
+def _serve_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.config import load_config
+
+    cfg = load_config(args.config)  # refuse a broken config here, not on the cluster
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {
+            "host": args.host,
+            "port": args.port,
+            "request_timeout_s": cfg.serve.request_timeout_s + 5,
+        },
+        "applications": [
+            {
+                "name": cfg.name,
+                "route_prefix": "/",
+                "import_path": "pipelines.online:app_builder",
+                "args": {"config": os.path.relpath(Path(args.config).resolve(), Path.cwd())},
+            }
+        ],
+    }
+    print("# Ray Serve config for ray-ensemble; run from this project's folder:")
+    print("#   serve run serve.yaml        (local)   |   serve deploy serve.yaml   (cluster)")
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.config import ConfigError
     from pipelines.io import InputError
@@ -115,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "serve-config":
+            return _serve_config(args)
     except (ConfigError, InputError) as exc:
         print(f"ray-ensemble: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

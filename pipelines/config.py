@@ -153,7 +153,31 @@ class ReducerConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """Online limits and batching; filled in by the serving work."""
+    """Online serving: request limits, dynamic batching and backpressure."""
+
+    max_inputs: int = Field(64, ge=1, description="Most inputs in one request (else 413).")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body in bytes (else 413)."
+    )
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Longest text (or text pair) in characters (else 413)."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Most texts a member runs in one forward pass across requests."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, description="How long a member waits to fill a batch before running it."
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests the endpoint works on at once (per ingress replica)."
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests waiting beyond that; more get a quick 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request not answered in time gets a 503."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress.")
 
 
 class EnsembleConfig(_Strict):

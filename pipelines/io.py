@@ -8,7 +8,9 @@ A Ray Data datasource of our own, rather than ``read_parquet`` / ``read_json``, 
 - CSV values are read as text, so ids such as ``007`` keep their zeros.
 
 Each file is one read task that yields blocks of ``block_rows`` rows, so memory stays
-flat however large the files are.
+flat however large the files are. Each block is sorted by text length before it leaves
+the reader (``__pos`` records the input order); Ray Data then cuts it into small blocks
+("windows"), so each window holds texts of a like length.
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-__all__ = ["FORMATS", "READ_ERROR_COLUMN", "InputDatasource", "list_input_files", "peek_columns"]
+__all__ = [
+    "BLOCK_COLUMN",
+    "BLOCK_ROWS_COLUMN",
+    "FORMATS",
+    "POSITION_COLUMN",
+    "READ_ERROR_COLUMN",
+    "InputDatasource",
+    "list_input_files",
+    "peek_columns",
+]
 
 FORMATS = {
     ".parquet": "parquet",
@@ -36,6 +48,11 @@ FORMATS = {
     ".ndjson": "jsonl",
 }
 READ_ERROR_COLUMN = "__read_error"
+# Where each row was read: its block (unique across files), its place in the block, and
+# the block's size. Later stages reorder rows inside a block; the reducer puts them back.
+BLOCK_COLUMN = "__block"
+POSITION_COLUMN = "__pos"
+BLOCK_ROWS_COLUMN = "__block_rows"
 
 
 class InputError(ValueError):
@@ -173,7 +190,7 @@ class InputDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
-        for path in self.files:
+        for file_index, path in enumerate(self.files):
             rows = pq.ParquetFile(path).metadata.num_rows if self.fmt == "parquet" else None
             meta = BlockMetadata(
                 num_rows=rows,
@@ -183,7 +200,7 @@ class InputDatasource(Datasource):
             )
             tasks.append(
                 ReadTask(
-                    lambda path=path: self._read_file(path),
+                    lambda i=file_index, path=path: self._read_file(i, path),
                     meta,
                     per_task_row_limit=per_task_row_limit,
                 )
@@ -208,10 +225,10 @@ class InputDatasource(Datasource):
             if lines:
                 yield _jsonl_block(lines, self.text_columns)
 
-    def _read_file(self, path: Path) -> Iterator[pa.Table]:
+    def _read_file(self, file_index: int, path: Path) -> Iterator[pa.Table]:
         name = path.relative_to(self.root).as_posix()
         start = 0
-        for table in self._blocks(path):
+        for block_index, table in enumerate(self._blocks(path)):
             n = table.num_rows
             if READ_ERROR_COLUMN not in table.column_names:
                 table = table.append_column(READ_ERROR_COLUMN, pa.nulls(n, pa.string()))
@@ -225,8 +242,28 @@ class InputDatasource(Datasource):
                     filled = pc.if_else(pc.is_null(ids), made, ids.cast(pa.string()))
                     index = table.column_names.index(self.id_column)
                     table = table.set_column(index, self.id_column, filled)
+            table = table.append_column(
+                BLOCK_COLUMN, pa.array(np.full(n, (file_index << 32) | block_index, np.int64))
+            )
+            table = table.append_column(POSITION_COLUMN, pa.array(np.arange(n, dtype=np.int32)))
+            table = table.append_column(BLOCK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
             start += n
-            yield table
+            yield sort_by_text_length(table, self.text_columns)
+
+
+def sort_by_text_length(table: pa.Table, text_columns: list[str]) -> pa.Table:
+    """Rows ordered by the length of their text, so that rows of a like length travel
+    together and the members pad little; ``__pos`` keeps the way back."""
+    length = np.zeros(table.num_rows, dtype=np.int64)
+    for col in text_columns:
+        if col in table.column_names:
+            column = table.column(col)
+            if pa.types.is_large_string(column.type):
+                column = column.cast(pa.string())
+            if pa.types.is_string(column.type):
+                chars = pc.fill_null(pc.utf8_length(column), 0)
+                length += chars.to_numpy(zero_copy_only=False).astype(np.int64)
+    return table.take(pa.array(np.argsort(length, kind="stable")))
 
 
 def _csv_blocks(path: Path, block_rows: int) -> Iterator[pa.Table]:

