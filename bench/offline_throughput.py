@@ -14,8 +14,9 @@ different label orders). The text is of mixed lengths: mostly short, a long tail
 Ray start-up is reported on its own. The pipeline's start-up (actors starting, models
 loading) is removed by also timing a 64-row run, after a warm-up run that pays for cold
 caches: throughput = (N - 64) / (T_N - T_64).
-Padding efficiency (real tokens / padded tokens) is counted by the pipeline's own code
-(block sort, windows, the member host's micro-batches) with a backend that skips the model.
+Padding efficiency (real tokens / padded tokens) is counted over the windows the
+pipeline's own reader makes, with the member host's micro-batching and a backend that
+tokenises but skips the model.
 """
 
 from __future__ import annotations
@@ -143,17 +144,19 @@ def sorted_loop(model_dirs: list[str], texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def padding_efficiency(model_dir: str, texts: list[str], members: list[dict], sort: bool) -> float:
-    """Real / padded tokens, counted by the pipeline's own code: blocks of BLOCK_ROWS rows
-    sorted by prepare_rows and cut into windows, then MemberHost's micro-batching."""
+def padding_efficiency(members: list[dict], texts: list[str], data: Path | None) -> float:
+    """Real / padded tokens with the member host's micro-batching and a backend that
+    tokenises but skips the model. With ``data``, over the very windows the pipeline's
+    reader makes (Ray must be running); without, over the naive loop's batches."""
     from transformers import AutoTokenizer
 
-    from actors.loading import MemberSpec
     from actors.member import MemberHost
     from pipelines.config import config_from_dict
-    from pipelines.offline import BLOCK_ROWS, prepare_rows, window_rows
+    from pipelines.offline import plan_ensemble, read_windows
 
-    class CountingBackend:  # tokenises for real, skips the model
+    model_dir = members[0]["model"]
+
+    class CountingBackend:
         def __init__(self):
             self.tok = AutoTokenizer.from_pretrained(model_dir)
             self.pad_token_id = self.tok.pad_token_id
@@ -166,27 +169,25 @@ def padding_efficiency(model_dir: str, texts: list[str], members: list[dict], so
             return np.zeros((len(inputs["input_ids"]), 2), dtype=np.float32)
 
     cfg = config_from_dict(
-        {"name": "b", "labels": ["negative", "positive"], "members": members}, base_dir=ROOT
+        {"name": "b", "labels": ["negative", "positive"], "members": members[:1]}, base_dir=ROOT
     )
-    spec = MemberSpec("m0", (0, 1), False, False, ("negative", "positive"), None)
+    plan = plan_ensemble(cfg)
     host = MemberHost(
         member=cfg.members[0],
-        spec=spec,
+        spec=plan.specs[0],
         task="classification",
         num_labels=2,
         text_column="text",
         backend=CountingBackend(),
     )
-    if not sort:  # the naive loop: input order, batches of 64
+    if data is None:  # the naive loop: input order, batches of 64
         for i in range(0, len(texts), BATCH):
             host.infer(texts[i : i + BATCH])
-        return host.padding_efficiency
-    for i in range(0, len(texts), BLOCK_ROWS):
-        block = pa.table({"text": texts[i : i + BLOCK_ROWS]})
-        ready = prepare_rows(block, text_column="text", text_pair_column=None)
-        size = window_rows(cfg)
-        for start in range(0, ready.num_rows, size):
-            host(ready.slice(start, size))
+    else:
+        for window in read_windows(plan, data).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            host(window)
     return host.padding_efficiency
 
 
@@ -230,13 +231,9 @@ def main() -> None:
         "rows": args.rows,
         "threads": args.threads,
         "cpus": os.cpu_count(),
-        "padding_efficiency": {
-            "ray_ensemble": padding_efficiency(members[0]["model"], texts, members[:1], sort=True),
-            "naive": padding_efficiency(members[0]["model"], texts, members[:1], sort=False),
-        },
+        "padding_efficiency": {"naive": padding_efficiency(members, texts, None)},
         "k": {},
     }
-    print(f"padding efficiency: {results['padding_efficiency']}", flush=True)
     for k in args.members:
         dirs = [m["model"] for m in members[:k]]
         naive = naive_loop(dirs, texts)
@@ -251,6 +248,8 @@ def main() -> None:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     results["ray_start_s"] = time.perf_counter() - start
     ray.data.DataContext.get_current().enable_progress_bars = False
+    results["padding_efficiency"]["ray_ensemble"] = padding_efficiency(members, texts, data)
+    print(f"padding efficiency: {results['padding_efficiency']}", flush=True)
     for k in args.members:
         # The first run pays for cold caches (worker processes, imports, weights from disk).
         ray_score(members[:k], small, work / "out-small")

@@ -317,16 +317,15 @@ def check_input(plan: EnsemblePlan, input_path: str | Path) -> tuple[list[Path],
     return files, fmt, root
 
 
-def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
-    """The lazy Ray Data pipeline from the input to the output contract's columns."""
+def read_windows(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
+    """The first stages: read, sort blocks by text length, validate. Each output block is
+    one window for the members."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     cfg = plan.config
     files, fmt, root = check_input(plan, input_path)
     text_columns = [c for c in (cfg.input.text_column, cfg.input.text_pair_column) if c]
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # output rows in input order
     source = InputDatasource(
         files,
         fmt,
@@ -335,17 +334,18 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
         text_columns=text_columns,
         block_rows=block_rows,
     )
-    # Ray Data cuts blocks to this size: the windows each member call gets. The dataset
-    # keeps the setting it was built with; the caller's context is left as it was.
-    saved = ctx.target_max_block_size
+    # The dataset keeps the settings it was built with; the caller's context is restored.
+    saved = ctx.target_max_block_size, ctx.execution_options.preserve_order
+    # Ray Data cuts blocks to this size: the windows each member call gets.
     ctx.target_max_block_size = window_bytes(cfg)
+    ctx.execution_options.preserve_order = True  # the reducer expects windows in order
     try:
         # One read task per file: the sort spans whole read blocks.
         ds = ray.data.read_datasource(
             source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)
         )
     finally:
-        ctx.target_max_block_size = saved
+        ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
     ds = ds.map_batches(
         validate_rows,
         batch_format="pyarrow",
@@ -356,6 +356,15 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
             "text_pair_column": cfg.input.text_pair_column,
         },
     )
+    return ds
+
+
+def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
+    """The lazy Ray Data pipeline from the input to the output contract's columns."""
+    from ray.data import ActorPoolStrategy
+
+    cfg = plan.config
+    ds = read_windows(plan, input_path, block_rows=block_rows)
     cluster, node_cpus = _cluster_shape()
     resources = member_resources(cfg, cluster, node_cpus)
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
