@@ -1,0 +1,273 @@
+"""The Serve endpoint over HTTP on loopback: parity with offline, errors, health, load."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from jobs.example import make_texts
+from pipelines.config import config_from_dict
+from pipelines.offline import plan_ensemble, score
+from tests.oracle import plain_logits
+
+LABELS = ["negative", "positive"]
+LIMITS = {
+    "max_inputs": 8,
+    "max_body_bytes": 4096,
+    "max_text_chars": 500,
+    "max_ongoing_requests": 2,
+    "max_queued_requests": 2,
+    "max_batch_size": 4,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def members_for(models):
+    return [
+        {"name": "alpha", "model": str(models["alpha"]), "weight": 2.0},
+        {"name": "beta", "model": str(models["beta"]), "temperature": 1.5},
+        {
+            "name": "gamma",
+            "model": str(models["gamma"]),
+            "label_map": {"LABEL_0": "negative", "LABEL_1": "positive"},
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, models, tmp_path_factory):
+    from ray import serve
+
+    from pipelines.online import build_app
+
+    tmp = tmp_path_factory.mktemp("online")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = config_from_dict(
+        {"name": "t", "labels": LABELS, "members": members_for(models), "serve": LIMITS},
+        base_dir=tmp,
+    )
+    plan = plan_ensemble(cfg)
+    # The offline side of the parity check runs first: on 2 CPUs the served members
+    # would leave no room for the pipeline's actors.
+    texts = make_texts(20, seed=21, max_words=40)
+    src = tmp / "parity.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    score(plan, src, tmp / "parity-out")
+    offline = pq.read_table(sorted((tmp / "parity-out").glob("*.parquet"))).to_pylist()
+    serve.run(build_app(plan), name="t", route_prefix="/")
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "plan": plan,
+        "tmp": tmp,
+        "texts": texts,
+        "offline": offline,
+    }
+    serve.delete("t")
+    serve.shutdown()
+
+
+def post(url, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(
+        url + "/v1/predict",
+        data=data,
+        headers={"content-type": "application/json"},
+        timeout=60,
+        **kw,
+    )
+
+
+def test_online_equals_offline(served):
+    texts, offline = served["texts"], served["offline"]
+    online = []
+    for i in range(0, len(texts), 8):
+        r = post(served["url"], {"inputs": texts[i : i + 8]})
+        assert r.status_code == 200, r.text
+        online += r.json()["predictions"]
+    assert len(online) == len(offline) == len(texts)
+    for on, off in zip(online, offline, strict=True):
+        assert on["label"] == off["label"]
+        np.testing.assert_allclose([on["probs"][lab] for lab in LABELS], off["probs"], atol=1e-5)
+        assert on["agreement"] == pytest.approx(off["agreement"], abs=1e-6)
+        assert on["entropy"] == pytest.approx(off["entropy"], abs=1e-5)
+        for name in ("alpha", "beta", "gamma"):
+            np.testing.assert_allclose(
+                [on["members"][name]["probs"][lab] for lab in LABELS],
+                off[f"probs__{name}"],
+                atol=1e-5,
+            )
+
+
+def test_text_pairs_match_plain_transformers(served, models):
+    r = post(
+        served["url"], {"inputs": [{"text": "a good film", "text_pair": "the plot"}, "a good film"]}
+    )
+    assert r.status_code == 200, r.text
+    alpha = r.json()["predictions"]
+    z = plain_logits(models["alpha"], ["a good film"], pairs=["the plot"])[0]
+    p = np.exp(z) / np.exp(z).sum()
+    np.testing.assert_allclose(
+        [alpha[0]["members"]["alpha"]["probs"][lab] for lab in LABELS], p, atol=1e-5
+    )
+    assert alpha[0]["members"]["alpha"]["probs"] != alpha[1]["members"]["alpha"]["probs"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "needle"),
+    [
+        (b"{not json", 422, "invalid_json", "not valid JSON"),
+        ({"inputs": "a text"}, 422, "invalid_input", "inputs"),
+        ({"inputs": []}, 422, "invalid_input", "at least one"),
+        ({"inputs": ["ok", 5]}, 422, "invalid_input", "inputs[1]"),
+        ({"inputs": ["ok", "  "]}, 422, "invalid_input", "inputs[1]: text is empty"),
+        ({"inputs": [{"text": "a", "extra": 1}]}, 422, "invalid_input", "extra"),
+        ({"inputs": [{"text_pair": "a"}]}, 422, "invalid_input", "text"),
+        ({"texts": ["a"]}, 422, "invalid_input", "inputs"),
+        ({"inputs": ["a"] * 9}, 413, "too_many_inputs", "limit is 8"),
+        ({"inputs": ["a " * 300]}, 413, "text_too_long", "inputs[0]: text has 600 characters"),
+        ({"inputs": ["a"] * 3, "pad": "x" * 5000}, 413, "body_too_large", "limit is 4096"),
+    ],
+)
+def test_errors_are_json_with_the_right_status(served, body, status, kind, needle):
+    r = post(served["url"], body)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert payload["type"] == kind and needle in payload["error"], payload
+
+
+def test_ensemble_description_and_docs(served):
+    info = requests.get(served["url"] + "/v1/ensemble", timeout=30).json()
+    assert info["labels"] == LABELS and info["combine"] == "weighted_mean"
+    assert [m["name"] for m in info["members"]] == ["alpha", "beta", "gamma"]
+    assert info["members"][1]["temperature"] == 1.5
+    assert requests.get(served["url"] + "/docs", timeout=30).status_code == 200
+    spec = requests.get(served["url"] + "/openapi.json", timeout=30).json()
+    assert "/v1/predict" in spec["paths"] and "/healthz" in spec["paths"]
+    assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_32_concurrent_clients_get_200_or_503(served):
+    texts = make_texts(32, seed=5, max_words=60)
+
+    def call(i):
+        r = post(served["url"], {"inputs": [texts[i], texts[(i + 1) % 32]]})
+        if r.status_code == 503:
+            assert r.headers.get("content-type") == "application/json", r.text
+            assert r.json()["type"] in ("overloaded", "timeout")
+        return r.status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(call, range(32)))
+    assert set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses
+    # The endpoint recovers once the burst is over.
+    assert post(served["url"], {"inputs": ["after the burst"]}).status_code == 200
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_serve_command_answers_and_stops_cleanly_on_sigterm(tmp_path):
+    """`ray-ensemble serve` as a user runs it: its own Ray, 127.0.0.1, SIGTERM ends it all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from jobs.example import write_example
+
+    root = Path(__file__).resolve().parents[1]
+    write_example(tmp_path / "examples")
+    import shutil
+
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "serve",
+            "configs/example.yaml",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        deadline = time.time() + 180
+        healthy = False
+        early = []  # answers before the members were ready
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+                healthy = r.status_code == 200
+                if not healthy:
+                    early.append(r)
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if healthy:
+                break
+            time.sleep(1)
+        assert healthy, proc.stderr.read() if proc.poll() is not None else "never healthy"
+        for r in early:  # before ready: a 503 (ours, JSON) or the proxy's 404/503 before routes
+            assert r.status_code in (404, 503), r.text
+            if r.headers.get("content-type") == "application/json":
+                assert r.json()["type"] == "not_ready"
+        r = requests.post(
+            f"http://127.0.0.1:{port}/v1/predict", json={"inputs": ["a fine film"]}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] in LABELS
+        started = _descendants(proc.pid)
+        assert started, "the serve command started no Ray processes?"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(p) for p in started):
+            time.sleep(0.5)
+        assert not [p for p in started if _alive(p)], "Ray processes left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
