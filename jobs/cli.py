@@ -108,12 +108,10 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
 
 def _score(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.io import list_input_files
     from pipelines.offline import check_input, plan_ensemble, prepare_output, score
 
     # Everything a user can get wrong is checked before Ray starts.
     plan = plan_ensemble(load_config(args.config))
-    list_input_files(args.input)
     check_input(plan, args.input)
     prepare_output(args.output, overwrite=args.overwrite)  # fails early on a non-empty dir
     started_ray = _start_ray(args.address, args.num_cpus)

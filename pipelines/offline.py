@@ -283,7 +283,8 @@ def member_resources(
     return out
 
 
-def _cluster_shape() -> tuple[dict, float]:
+def cluster_shape() -> tuple[dict, float]:
+    """The cluster's resources, and the most CPUs on one live node."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -365,7 +366,7 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
 
     cfg = plan.config
     ds = read_windows(plan, input_path, block_rows=block_rows)
-    cluster, node_cpus = _cluster_shape()
+    cluster, node_cpus = cluster_shape()
     resources = member_resources(cfg, cluster, node_cpus)
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         pool = (

@@ -38,6 +38,7 @@ from actors.member import MemberHost, member_output_column
 from pipelines.offline import (
     LIGHT_TASK_CPUS,
     EnsemblePlan,
+    cluster_shape,
     member_resources,
     plan_ensemble,
     reduce_batch,
@@ -403,13 +404,9 @@ MemberDeployment = serve.deployment(MemberServer, name="member")
 
 def build_app(plan: EnsemblePlan) -> serve.Application:
     """The Serve application for an ensemble. Ray must be running (its shape sets CPUs)."""
-    import ray
-
     cfg = plan.config
     limits = cfg.serve
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=1.0)
-    resources = member_resources(cfg, ray.cluster_resources(), node_cpus)
+    resources = member_resources(cfg, *cluster_shape())
     members = []
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         options: dict[str, Any] = {
