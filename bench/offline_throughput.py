@@ -93,17 +93,22 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
-    import torch
+def load_models(model_dirs: list[str]) -> list[tuple]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    loaded = [
+    return [
         (
             AutoTokenizer.from_pretrained(d),
             AutoModelForSequenceClassification.from_pretrained(d).eval(),
         )
         for d in model_dirs
     ]
+
+
+def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
+    import torch
+
+    loaded = load_models(model_dirs)
     start = time.perf_counter()
     with torch.inference_mode():
         for tok, model in loaded:
@@ -121,15 +126,8 @@ def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
 
 def sorted_loop(model_dirs: list[str], texts: list[str]) -> float:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    loaded = [
-        (
-            AutoTokenizer.from_pretrained(d),
-            AutoModelForSequenceClassification.from_pretrained(d).eval(),
-        )
-        for d in model_dirs
-    ]
+    loaded = load_models(model_dirs)
     start = time.perf_counter()
     with torch.inference_mode():
         for tok, model in loaded:

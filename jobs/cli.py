@@ -23,6 +23,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (env RAY_ADDRESS); default: start a local Ray instance",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs for the local Ray instance (default: all); ignored with --address",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ray-ensemble",
@@ -42,19 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--output", required=True, help="directory for the scored Parquet files")
     score.add_argument(
-        "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster to join (env RAY_ADDRESS); default: start a local Ray instance",
-    )
-    score.add_argument(
         "--overwrite", action="store_true", help="replace the output directory if it is not empty"
     )
-    score.add_argument(
-        "--num-cpus",
-        type=int,
-        default=None,
-        help="CPUs for the local Ray instance (default: all); ignored with --address",
-    )
+    _add_ray_arguments(score)
     serve_cmd = sub.add_parser(
         "serve",
         help="serve the ensemble over HTTP (Ray Serve)",
@@ -66,14 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     serve_cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve_cmd.add_argument(
-        "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster to join (env RAY_ADDRESS); default: start a local Ray instance",
-    )
-    serve_cmd.add_argument(
-        "--num-cpus", type=int, default=None, help="CPUs for the local Ray instance"
-    )
+    _add_ray_arguments(serve_cmd)
     serve_config = sub.add_parser(
         "serve-config",
         help="print a Serve config file for `serve deploy` / `serve run`",
