@@ -232,13 +232,14 @@ class InputDatasource(Datasource):
             n = table.num_rows
             if READ_ERROR_COLUMN not in table.column_names:
                 table = table.append_column(READ_ERROR_COLUMN, pa.nulls(n, pa.string()))
-            made = pa.array([f"{name}:{i}" for i in range(start, start + n)], pa.string())
+
             if self.id_column not in table.column_names:
-                table = table.append_column(self.id_column, made)
+                table = table.append_column(self.id_column, _row_ids(name, start, n))
             else:
                 ids = table.column(self.id_column)
                 if ids.null_count and (pa.types.is_string(ids.type) or pa.types.is_null(ids.type)):
                     # A row with no id (an unreadable JSONL line, say) still needs one.
+                    made = _row_ids(name, start, n)
                     filled = pc.if_else(pc.is_null(ids), made, ids.cast(pa.string()))
                     index = table.column_names.index(self.id_column)
                     table = table.set_column(index, self.id_column, filled)
@@ -249,6 +250,11 @@ class InputDatasource(Datasource):
             table = table.append_column(BLOCK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
             start += n
             yield sort_by_text_length(table, self.text_columns)
+
+
+def _row_ids(name: str, start: int, n: int) -> pa.Array:
+    """Stable ids ``<file>:<row>``, built only for blocks that need them."""
+    return pa.array([f"{name}:{i}" for i in range(start, start + n)], pa.string())
 
 
 def sort_by_text_length(table: pa.Table, text_columns: list[str]) -> pa.Table:

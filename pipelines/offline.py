@@ -219,7 +219,6 @@ class OrderedReducer:
     def __init__(self, plan: EnsemblePlan) -> None:
         self.plan = plan
         self.pending: dict[int, list[pa.Table]] = {}
-        self.counts: dict[int, int] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reduced = reduce_batch(batch, plan=self.plan)
@@ -228,12 +227,10 @@ class OrderedReducer:
         done = []
         for block in dict.fromkeys(blocks.tolist()):
             rows = np.flatnonzero(blocks == block)
-            part = reduced.take(pa.array(rows))
-            self.pending.setdefault(block, []).append(part)
-            self.counts[block] = self.counts.get(block, 0) + len(rows)
-            if self.counts[block] == int(sizes[rows[0]]):
+            parts = self.pending.setdefault(block, [])
+            parts.append(reduced.take(pa.array(rows)))
+            if sum(p.num_rows for p in parts) == int(sizes[rows[0]]):
                 whole = pa.concat_tables(self.pending.pop(block))
-                del self.counts[block]
                 order = pc.sort_indices(whole.column(POSITION_COLUMN))
                 done.append(whole.take(order))
         if not done:

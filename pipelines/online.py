@@ -35,6 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.member import MemberHost, member_output_column
+from actors.reducer import member_top
 from pipelines.offline import (
     LIGHT_TASK_CPUS,
     EnsemblePlan,
@@ -318,7 +319,7 @@ class Ingress:
             end = start
             while end < len(texts) and end - start < size and (pairs[end] is not None) == has_pair:
                 end += 1
-            chunk_pairs = [p for p in pairs[start:end]] if has_pair else None
+            chunk_pairs = pairs[start:end] if has_pair else None
             chunks.append((start, end, texts[start:end], chunk_pairs))  # type: ignore[arg-type]
             start = end
         calls = {
@@ -361,9 +362,8 @@ class Ingress:
                 members = {}
                 for m in cfg.members:
                     p = row[f"probs__{m.name}"]
-                    top = max((v, k) for k, v in enumerate(p) if not math.isnan(v))[1]
                     members[m.name] = {
-                        "label": labels[top],
+                        "label": labels[int(member_top(np.asarray(p, dtype=float)))],
                         # A label the member lacks is null, not a silent zero.
                         "probs": {
                             lab: (None if math.isnan(v) else v)
