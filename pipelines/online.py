@@ -85,10 +85,45 @@ def _loc(loc: tuple) -> str:
     return out or "body"
 
 
+# A chunk is texts plus their pairs (None when they have none), at most max_batch_size.
+Chunk = tuple[list[str], list[str] | None]
+
+
+def _chunk_texts(chunks: list[Chunk]) -> int:
+    return sum(len(texts) for texts, _ in chunks)
+
+
+def _bundle_texts(bundles: list[list[Chunk]]) -> int:
+    return sum(_chunk_texts(bundle) for bundle in bundles)
+
+
+class Linger:
+    """Drives a ``@serve.batch`` method: wait for a batch to fill only under load.
+
+    A call waits up to ``wait_s`` for company only when other calls are in flight; a
+    lone request goes at once, so batching costs nothing at low load.
+    """
+
+    def __init__(self, batched: Any, max_batch_size: int, wait_s: float) -> None:
+        self.batched = batched
+        self.wait_s = wait_s
+        self.in_flight = 0
+        batched.set_max_batch_size(max_batch_size)
+
+    async def call(self, item: Any) -> Any:
+        self.in_flight += 1
+        try:
+            self.batched.set_batch_wait_timeout_s(self.wait_s if self.in_flight > 1 else 0.0)
+            return await self.batched(item)
+        finally:
+            self.in_flight -= 1
+
+
 class MemberServer:
     """A member as a Serve deployment: the offline MemberHost behind ``@serve.batch``.
 
-    Each call carries a chunk of texts; the batch size counts texts, not calls.
+    Each call carries a bundle of chunks from one ingress batch; the batch size counts
+    texts, not calls.
     """
 
     def __init__(
@@ -113,8 +148,7 @@ class MemberServer:
             text_column="text",
             threads=threads,
         )
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.linger = Linger(self._batched, max_batch_size, batch_wait_timeout_s)
         self.latency = metrics.Histogram(
             "ensemble_member_latency_s",
             description="Seconds per member forward batch.",
@@ -133,7 +167,7 @@ class MemberServer:
     async def ready(self) -> bool:
         return True
 
-    def _run(self, chunks: list[tuple[list[str], list[str] | None]]) -> list[np.ndarray]:
+    def _run(self, chunks: list[Chunk]) -> list[np.ndarray]:
         started = time.perf_counter()
         results: list[np.ndarray] = [np.empty(0)] * len(chunks)
         # Calls with and without a text pair cannot share one tokenizer call.
@@ -152,10 +186,20 @@ class MemberServer:
         self.batch_size.observe(sum(len(c[0]) for c in chunks))
         return results
 
-    @serve.batch(batch_size_fn=lambda chunks: sum(len(c[0]) for c in chunks))
-    async def predict(self, chunks: list[tuple[list[str], list[str] | None]]) -> list[np.ndarray]:
+    async def predict(self, bundle: list[Chunk]) -> list[np.ndarray]:
+        """A bundle of chunks (one ingress batch) in; one array of outputs per chunk out."""
+        return await self.linger.call(bundle)
+
+    @serve.batch(batch_size_fn=_bundle_texts)
+    async def _batched(self, bundles: list[list[Chunk]]) -> list[list[np.ndarray]]:
+        flat = [chunk for bundle in bundles for chunk in bundle]
         # Off the event loop, so health checks and new requests are taken meanwhile.
-        return await asyncio.to_thread(self._run, chunks)
+        out = await asyncio.to_thread(self._run, flat)
+        answers, start = [], 0
+        for bundle in bundles:
+            answers.append(out[start : start + len(bundle)])
+            start += len(bundle)
+        return answers
 
 
 app = FastAPI(
@@ -195,6 +239,9 @@ class Ingress:
         self.waiting = 0
         self.slots = asyncio.Semaphore(self.limits.max_ongoing_requests)
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by _limit_body
+        self.linger = Linger(
+            self._gather, self.limits.max_batch_size, self.limits.batch_wait_timeout_s
+        )
         self.agreement = metrics.Histogram(
             "ensemble_agreement",
             description="Agreement of the members with the ensemble label, per prediction.",
@@ -290,8 +337,8 @@ class Ingress:
         finally:
             self.waiting -= 1
         try:
-            outputs = await asyncio.wait_for(
-                self._fan_out(texts, pairs), timeout=self.limits.request_timeout_s
+            predictions = await asyncio.wait_for(
+                self._score(texts, pairs), timeout=self.limits.request_timeout_s
             )
         except asyncio.TimeoutError:
             return error_response(503, "timed out waiting for the members; retry later", "timeout")
@@ -307,9 +354,9 @@ class Ingress:
             )
         finally:
             self.slots.release()
-        return JSONResponse({"predictions": self._format(outputs, len(texts))})
+        return JSONResponse({"predictions": predictions})
 
-    async def _fan_out(self, texts: list[str], pairs: list[str | None]) -> dict[str, np.ndarray]:
+    async def _score(self, texts: list[str], pairs: list[str | None]) -> list[dict]:
         size = self.limits.max_batch_size
         # One call per chunk of at most max_batch_size texts with the same kind (pair or not).
         chunks: list[tuple[int, int, list[str], list[str] | None]] = []
@@ -322,17 +369,26 @@ class Ingress:
             chunk_pairs = pairs[start:end] if has_pair else None
             chunks.append((start, end, texts[start:end], chunk_pairs))  # type: ignore[arg-type]
             start = end
-        calls = {
-            name: [h.predict.remote((c_texts, c_pairs)) for _, _, c_texts, c_pairs in chunks]
-            for name, h in self.handles.items()
+        answers = await asyncio.gather(*(self.linger.call((t, p)) for *_, t, p in chunks))
+        return [prediction for answer in answers for prediction in answer]
+
+    @serve.batch(batch_size_fn=_chunk_texts)
+    async def _gather(self, chunks: list[Chunk]) -> list[list[dict]]:
+        """One call per member, and one reduce, for the chunks of concurrent requests.
+
+        Coalescing here, not only in the members, saves three handle calls and a reduce
+        per request under load: on small models those cost more than the forward pass.
+        """
+        results = await asyncio.gather(*(h.predict.remote(chunks) for h in self.handles.values()))
+        outputs = {
+            name: np.concatenate(out) for name, out in zip(self.handles, results, strict=True)
         }
-        flat = await asyncio.gather(*(r for rs in calls.values() for r in rs))
-        out: dict[str, np.ndarray] = {}
-        i = 0
-        for name, rs in calls.items():
-            out[name] = np.concatenate(flat[i : i + len(rs)])
-            i += len(rs)
-        return out
+        predictions = self._format(outputs, sum(len(texts) for texts, _ in chunks))
+        answers, start = [], 0
+        for texts, _ in chunks:
+            answers.append(predictions[start : start + len(texts)])
+            start += len(texts)
+        return answers
 
     def _format(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
         columns: dict[str, pa.Array] = {"error": pa.nulls(n, pa.string())}
@@ -375,27 +431,64 @@ class Ingress:
         return preds
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """413 for a body over serve.max_body_bytes, before it is parsed."""
-    limit = getattr(app.state, "max_body_bytes", None)
-    if limit is not None and request.method == "POST":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error_response(
-                413,
-                f"body is {declared} bytes, the limit is {limit} (serve.max_body_bytes)",
-                "body_too_large",
-            )
-        if declared is None:
-            body = await request.body()
-            if len(body) > limit:
-                return error_response(
-                    413,
-                    f"body is {len(body)} bytes, the limit is {limit} (serve.max_body_bytes)",
-                    "body_too_large",
-                )
-    return await call_next(request)
+class _BodyLimit:
+    """413 for a body over serve.max_body_bytes, before it is parsed.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` costs a task group per
+    request, which shows on the ingress's CPU under load.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        limit = getattr(app.state, "max_body_bytes", None)  # set by Ingress.__init__
+        if scope["type"] != "http" or scope["method"] != "POST" or limit is None:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > limit:
+                await _too_large(int(declared), limit, scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        # Chunked: read up to the limit, then replay the body to the app.
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > limit:
+                await _too_large(size, limit, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(size: int, limit: int, scope: dict, receive: Any, send: Any) -> None:
+    response = error_response(
+        413, f"body is {size} bytes, the limit is {limit} (serve.max_body_bytes)", "body_too_large"
+    )
+    await response(scope, receive, send)
+
+
+app.add_middleware(_BodyLimit)
 
 
 IngressDeployment = serve.deployment(serve.ingress(app)(Ingress), name="ingress")
