@@ -199,6 +199,33 @@ def combine(
     raise ValueError(f"unknown combine method '{method}'")
 
 
+# Stacking features floor: a probability of 0 (or a label the member lacks) reads as this.
+STACKING_FLOOR = 1e-7
+
+
+def stacking_features(member_probs: np.ndarray) -> np.ndarray:
+    """``(M, n, L)`` member distributions to ``(n, M·L)`` log-probabilities, member-major.
+
+    A label a member lacks reads as ``log(STACKING_FLOOR)``, like a confident "no".
+    """
+    probs = np.nan_to_num(np.asarray(member_probs, dtype=np.float64), nan=0.0)
+    logp = np.log(np.clip(probs, STACKING_FLOOR, 1.0))
+    m, n, num_labels = logp.shape
+    return logp.transpose(1, 0, 2).reshape(n, m * num_labels)
+
+
+def stack(member_probs: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """A multinomial logistic meta-model over :func:`stacking_features`: ``(n, L)``.
+
+    ``coef`` is ``(L, M·L)`` and ``intercept`` ``(L,)``.
+    """
+    z = stacking_features(member_probs) @ np.asarray(coef, dtype=np.float64).T
+    z = z + np.asarray(intercept, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def vote_labels(
     probs: np.ndarray, weights: np.ndarray, ensemble_probs: np.ndarray, *, multi_label: bool
 ) -> np.ndarray:
@@ -269,8 +296,11 @@ def reduce_classification(
     method: str,
     multi_label: bool,
     valid: np.ndarray | None = None,
+    stacking: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Reduced:
     """Everything after the members' forward passes: normalise, combine, label, uncertainty.
+
+    ``method="stacking"`` needs ``stacking=(coef, intercept)`` of the meta-model.
 
     ``valid`` marks rows that were scored; other rows get NaN results. A valid row that
     a member returned non-finite logits for gets an error naming the member.
@@ -294,7 +324,12 @@ def reduce_classification(
         valid &= ~bad
     member_probs[:, ~valid] = np.nan
     w = np.asarray(weights, dtype=np.float64)
-    p = combine(member_probs, w, method, multi_label=multi_label)
+    if method == "stacking":
+        if stacking is None or multi_label:
+            raise ValueError("stacking needs a fitted meta-model and a single-label task")
+        p = stack(member_probs, *stacking)
+    else:
+        p = combine(member_probs, w, method, multi_label=multi_label)
     if method == "majority_vote":
         label = vote_labels(member_probs, w, p, multi_label=multi_label)
     else:

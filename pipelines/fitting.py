@@ -1,0 +1,297 @@
+"""Calibrate and combine on a labelled set: the math of `ray-ensemble fit`.
+
+Member outputs come from the offline pipeline (the same read, tokenise and forward as
+`score`); everything after that is numpy and scipy, on the driver:
+
+- one temperature per member, minimising its NLL;
+- combination weights, all >= 0, minimising the ensemble's NLL through the very
+  ``combine`` function the reducer runs;
+- or a stacking meta-model: a multinomial logistic regression (scikit-learn) on the
+  members' log-probabilities, stored as JSON beside the fitted config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from scipy.optimize import minimize, minimize_scalar
+
+from actors.member import member_output_column
+from actors.reducer import combine, normalise, stack, stacking_features
+from pipelines.config import ConfigError, EnsembleConfig, load_config
+from pipelines.io import InputError, list_input_files, peek_columns, read_column
+from pipelines.offline import EnsemblePlan, check_input, member_stages, read_windows
+from pipelines.stacking import StackingModel
+
+__all__ = [
+    "FIT_COMBINE",
+    "FitResult",
+    "LabelledOutputs",
+    "check_labelled_input",
+    "collect_member_outputs",
+    "fit_ensemble",
+    "fit_temperature",
+    "fit_weights",
+    "nll",
+    "write_fitted_config",
+]
+
+FIT_COMBINE = ("weighted_mean", "geometric_mean", "stacking")
+# Probabilities are floored here in the NLL, so one confident mistake cannot make it inf.
+NLL_FLOOR = 1e-12
+
+
+def check_single_label(plan: EnsemblePlan, command: str) -> None:
+    cfg = plan.config
+    if cfg.task != "classification" or plan.multi_label:
+        raise ConfigError(
+            f"`ray-ensemble {command}` works on single-label classification ensembles; this one "
+            f"is {'multi-label' if plan.multi_label else cfg.task}"
+        )
+
+
+def label_indices(values: list, labels: list[str], label_column: str) -> np.ndarray:
+    """Label values to indices into ``labels`` (case-insensitive); -1 where missing.
+
+    An unknown label is a usage error: it names a few and the labels the config has.
+    """
+    lookup = {label.lower(): i for i, label in enumerate(labels)}
+    out = np.full(len(values), -1, dtype=np.int64)
+    unknown: dict[str, None] = {}
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        key = str(value).strip().lower()
+        if key in lookup:
+            out[i] = lookup[key]
+        else:
+            unknown[str(value)] = None
+    if unknown:
+        shown = list(unknown)[:5]
+        raise InputError(
+            f"--label-column {label_column}: values {shown}{' ...' if len(unknown) > 5 else ''} "
+            f"are not labels of this ensemble {labels}; fix the data or the config's labels"
+        )
+    return out
+
+
+def check_labelled_input(
+    plan: EnsemblePlan, input_path: str | Path, label_column: str
+) -> np.ndarray:
+    """Check the input and its labels before Ray starts; the label index of every row."""
+    files, fmt, _ = list_input_files(input_path)
+    columns = peek_columns(files[0], fmt)
+    if (fmt != "jsonl" or columns) and label_column not in columns:
+        raise InputError(
+            f"--label-column: {files[0].name} has no column '{label_column}' "
+            f"(its columns: {columns})"
+        )
+    check_input(plan, input_path, allow=(label_column,))
+    y = label_indices(read_column(files, fmt, label_column), plan.config.labels, label_column)
+    if not (y >= 0).any():
+        raise InputError(f"--label-column {label_column}: no row has a label")
+    return y
+
+
+@dataclass(frozen=True)
+class LabelledOutputs:
+    """Aligned member logits ``(n, L)`` and label indices of the usable rows."""
+
+    names: list[str]
+    logits: list[np.ndarray]
+    y: np.ndarray
+    skipped: int  # rows without a label or with a text that cannot be scored
+
+
+def collect_member_outputs(
+    plan: EnsemblePlan, input_path: str | Path, label_column: str
+) -> LabelledOutputs:
+    """Run the members over a labelled set (Ray must be running) and gather their logits."""
+    check_single_label(plan, "fit")
+    cfg = plan.config
+    names = [m.name for m in cfg.members]
+    ds = member_stages(plan, read_windows(plan, input_path, allow=(label_column,)))
+    keep = [label_column, "error", *(member_output_column(n) for n in names)]
+    ys: list = []
+    outs: list[list[np.ndarray]] = [[] for _ in names]
+    errors: list = []
+    for batch in ds.select_columns(keep).iter_batches(batch_format="pyarrow", batch_size=None):
+        ys.extend(batch.column(label_column).to_pylist())
+        errors.extend(batch.column("error").to_pylist())
+        for i, name in enumerate(names):
+            column = batch.column(member_output_column(name)).combine_chunks()
+            width = column.type.list_size
+            outs[i].append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width))
+    y = label_indices(ys, cfg.labels, label_column)
+    ok = (y >= 0) & np.array([e is None for e in errors], dtype=bool)
+    width = cfg.num_labels
+    logits = [
+        (np.concatenate(o) if o else np.empty((0, width)))[ok].astype(np.float64) for o in outs
+    ]
+    return LabelledOutputs(names, logits, y[ok], int((~ok).sum()))
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true labels; a missing label reads as 0."""
+    p = np.nan_to_num(np.asarray(probs, dtype=np.float64)[np.arange(len(y)), y], nan=0.0)
+    return float(-np.mean(np.log(np.clip(p, NLL_FLOOR, 1.0))))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T in [0.02, 50] that minimises NLL of softmax(logits / T)."""
+
+    def loss(log_t: float) -> float:
+        return nll(normalise(logits, temperature=float(np.exp(log_t)), multi_label=False), y)
+
+    best = minimize_scalar(loss, bounds=(np.log(0.02), np.log(50.0)), method="bounded")
+    t = float(np.exp(best.x))
+    return t if loss(best.x) <= loss(0.0) else 1.0
+
+
+def fit_weights(member_probs: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
+    """Weights >= 0 summing to 1 that minimise the NLL of ``combine(..., method)``."""
+    m = member_probs.shape[0]
+
+    def loss(w: np.ndarray) -> float:
+        if w.sum() <= 1e-9:
+            return 1e6
+        return nll(combine(member_probs, w, method, multi_label=False), y)
+
+    start = np.full(m, 1.0 / m)
+    best = minimize(loss, start, method="L-BFGS-B", bounds=[(0.0, 1.0)] * m)
+    w = best.x if loss(best.x) <= loss(start) else start
+    return w / w.sum()
+
+
+def fit_stacking(
+    member_probs: np.ndarray, y: np.ndarray, labels: list[str], members: list[str]
+) -> StackingModel:
+    """A multinomial logistic regression on the members' log-probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    present = sorted(set(y.tolist()))
+    if len(present) < len(labels):
+        missing = [labels[i] for i in range(len(labels)) if i not in present]
+        raise InputError(f"stacking needs examples of every label; the set has none of {missing}")
+    model = LogisticRegression(C=1.0, max_iter=5000)
+    model.fit(stacking_features(member_probs), y)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # binary: sklearn keeps one row; softmax([-z/2, z/2]) = sigmoid
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    return StackingModel(tuple(labels), tuple(members), coef, intercept)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    combine: str
+    temperatures: list[float]
+    weights: list[float]
+    stacking: StackingModel | None
+    rows: int
+    member_nll: dict[str, tuple[float, float]]  # before, after
+    ensemble_nll: tuple[float, float]
+
+
+def ensemble_probs(
+    member_probs: np.ndarray,
+    weights: list[float],
+    method: str,
+    stacking: StackingModel | None,
+) -> np.ndarray:
+    if method == "stacking":
+        assert stacking is not None
+        return stack(member_probs, stacking.coef, stacking.intercept)
+    if method == "majority_vote":
+        method = "weighted_mean"  # the vote's distribution
+    return combine(member_probs, np.asarray(weights, dtype=np.float64), method, multi_label=False)
+
+
+def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitResult:
+    """Temperatures, then weights or the stacking model, on ``data``."""
+    cfg = plan.config
+    if method not in FIT_COMBINE:
+        raise ConfigError(f"--combine: {method!r} is not one of {list(FIT_COMBINE)}")
+    if len(data.y) < 2:
+        raise InputError("fit needs at least 2 labelled rows that can be scored")
+    y = data.y
+
+    def probs_with(temps: list[float]) -> np.ndarray:
+        return np.stack(
+            [
+                normalise(z, temperature=t, multi_label=False)
+                for z, t in zip(data.logits, temps, strict=True)
+            ]
+        )
+
+    before_t = [m.temperature for m in cfg.members]
+    before_w = [m.weight for m in cfg.members]
+    before = probs_with(before_t)
+    temps = [fit_temperature(z, y) for z in data.logits]
+    after = probs_with(temps)
+    weights, model = before_w, None
+    if method == "stacking":
+        model = fit_stacking(after, y, list(cfg.labels), data.names)
+    else:
+        weights = fit_weights(after, y, method).tolist()
+    ensemble_before = nll(ensemble_probs(before, before_w, cfg.reducer.combine, plan.stacking), y)
+    ensemble_after = nll(ensemble_probs(after, weights, method, model), y)
+    return FitResult(
+        combine=method,
+        temperatures=temps,
+        weights=weights,
+        stacking=model,
+        rows=len(y),
+        member_nll={
+            name: (nll(before[i], y), nll(after[i], y)) for i, name in enumerate(data.names)
+        },
+        ensemble_nll=(ensemble_before, ensemble_after),
+    )
+
+
+def _relocate(path: str, out_dir: Path) -> str:
+    """A resolved local path as seen from ``out_dir``; a hub id unchanged."""
+    if os.path.isabs(path) and os.path.exists(path):
+        return os.path.relpath(path, out_dir)
+    return path
+
+
+def write_fitted_config(
+    config_path: str | Path, output: str | Path, cfg: EnsembleConfig, result: FitResult
+) -> Path:
+    """The user's config with fitted temperatures, weights or stacking model; paths are
+    rewritten relative to the new file's folder. Returns the stacking file, if any."""
+    output = Path(output)
+    out_dir = output.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = yaml.safe_load(Path(config_path).read_text())
+    for raw, member, t, w in zip(
+        data["members"], cfg.members, result.temperatures, result.weights, strict=True
+    ):
+        raw["model"] = _relocate(member.model, out_dir)
+        if member.train is not None and isinstance(raw.get("train"), dict):
+            raw["train"]["base_model"] = _relocate(member.train.base_model, out_dir)
+        raw["temperature"] = round(float(t), 6)
+        raw["weight"] = round(float(w), 6)
+    reducer = dict(data.get("reducer") or {})
+    reducer["combine"] = result.combine
+    reducer.pop("stacking", None)
+    if result.stacking is not None:
+        stacking_file = output.with_suffix(".stacking.json")
+        result.stacking.save(stacking_file)
+        reducer["stacking"] = stacking_file.name
+    data["reducer"] = reducer
+    header = (
+        f"# Fitted by `ray-ensemble fit` on {result.rows} labelled rows "
+        f"(combine: {result.combine}).\n"
+        f"# Ensemble NLL on that set: {result.ensemble_nll[0]:.4f} before, "
+        f"{result.ensemble_nll[1]:.4f} after.\n"
+    )
+    output.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    load_config(output)  # what we wrote must load
+    return output

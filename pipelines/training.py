@@ -1,0 +1,306 @@
+"""Fine-tune members with Ray Train: `ray-ensemble train`.
+
+Each member with a ``train:`` block becomes a sequence classifier over the ensemble's
+labels, started from ``train.base_model``. Rows travel as a Ray Dataset sharded across
+``TorchTrainer`` workers (CPU here, GPUs on a cluster); each epoch ends with a
+checkpoint, and the last one is written as a Hugging Face directory at the member's
+``model`` path, with ``id2label`` set to the ensemble's labels.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
+from pipelines.fitting import label_indices
+from pipelines.io import InputError, list_input_files, peek_columns, read_column
+
+__all__ = ["TrainSet", "read_train_set", "train_member", "train_members"]
+
+LABEL_COLUMN = "__y"
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    texts: list[str]
+    pairs: list[str] | None
+    y: np.ndarray
+    skipped: int
+
+
+def read_train_set(cfg: EnsembleConfig, input_path: str | Path, label_column: str) -> TrainSet:
+    """The labelled rows, checked before Ray starts: unknown labels are a usage error;
+    rows with no label or no usable text are skipped (and counted)."""
+    if cfg.task != "classification":
+        raise ConfigError("`ray-ensemble train` trains classifiers; this ensemble is embedding")
+    files, fmt, _ = list_input_files(input_path)
+    columns = peek_columns(files[0], fmt)
+    text, pair = cfg.input.text_column, cfg.input.text_pair_column
+    for col, flag in ((text, "input.text_column"), (label_column, "--label-column")):
+        if (fmt != "jsonl" or columns) and col not in columns:
+            raise InputError(
+                f"{flag}: {files[0].name} has no column '{col}' (its columns: {columns})"
+            )
+    texts = read_column(files, fmt, text)
+    pairs = read_column(files, fmt, pair) if pair else None
+    y = label_indices(read_column(files, fmt, label_column), cfg.labels, label_column)
+
+    def usable(value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    keep = [
+        i
+        for i in range(len(texts))
+        if y[i] >= 0 and usable(texts[i]) and (pairs is None or usable(pairs[i]))
+    ]
+    if not keep:
+        raise InputError(f"--input: no row has both a text and a label in '{label_column}'")
+    return TrainSet(
+        [texts[i] for i in keep],
+        [pairs[i] for i in keep] if pairs is not None else None,
+        y[keep],
+        len(texts) - len(keep),
+    )
+
+
+def _train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
+
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    labels = config["labels"]
+    extra = {}
+    if config["classifier_dropout"] is not None:
+        extra["classifier_dropout"] = config["classifier_dropout"]
+    tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config["base_model"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        trust_remote_code=config["trust_remote_code"],
+        **extra,
+    )
+    if config["freeze_encoder"]:
+        # The encoder stays; the pooler (if any) and the head learn.
+        base = model.base_model
+        for name, param in base.named_parameters():
+            param.requires_grad = name.startswith("pooler")
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config["learning_rate"], weight_decay=config["weight_decay"]
+    )
+    batch_size = config["batch_size"]
+    steps_per_epoch = max(1, math.ceil(config["rows"] / world / batch_size))
+    total_steps = max(1, math.ceil(config["epochs"] * steps_per_epoch))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config["warmup_ratio"] * total_steps), total_steps
+    )
+    shard = ray.train.get_dataset_shard("train")
+    has_pair = config["has_pair"]
+    step, epoch, started = 0, 0, time.perf_counter()
+    report_every = max(1, total_steps // 10)
+    model.train()
+    while step < total_steps:
+        losses = []
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=max(4 * batch_size, 256),
+            local_shuffle_seed=config["seed"] + epoch,
+        ):
+            enc = tokenizer(
+                list(batch["text"]),
+                list(batch["text_pair"]) if has_pair else None,
+                truncation=True,
+                max_length=config["max_length"],
+                padding=True,
+                return_tensors="pt",
+            )
+            out = model(**enc, labels=torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(out.loss.item())
+            step += 1
+            if rank == 0 and (step % report_every == 0 or step == total_steps):
+                # Not print(): Ray Train echoes printed lines a second time.
+                sys.stderr.write(
+                    f"  [{config['member']}] step {step}/{total_steps} "
+                    f"loss {np.mean(losses[-report_every:]):.4f} "
+                    f"({time.perf_counter() - started:.0f}s)\n"
+                )
+                sys.stderr.flush()
+            if step >= total_steps:
+                break
+        epoch += 1
+        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else 0.0}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                unwrapped = model.module if hasattr(model, "module") else model
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _worker_cpus(member: MemberConfig, cluster_cpus: float, workers: int) -> float:
+    if member.train.cpus_per_worker is not None:
+        return member.train.cpus_per_worker
+    # Leave a little for Ray Data's feeding, like the scoring pipeline does.
+    return max(0.5, round((cluster_cpus - 0.5) / workers, 2))
+
+
+def train_member(
+    cfg: EnsembleConfig, member: MemberConfig, data: TrainSet, workdir: str | Path
+) -> dict:
+    """Fine-tune one member and write it to ``member.model``. Ray must be running."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = member.train
+    assert spec is not None
+    rng = np.random.default_rng(spec.seed)
+    index = np.arange(len(data.texts))
+    if spec.max_examples is not None and spec.max_examples < len(index):
+        index = np.sort(rng.choice(index, size=spec.max_examples, replace=False))
+    columns = {
+        "text": pa.array([data.texts[i] for i in index], pa.string()),
+        LABEL_COLUMN: pa.array(data.y[index], pa.int64()),
+    }
+    if data.pairs is not None:
+        columns["text_pair"] = pa.array([data.pairs[i] for i in index], pa.string())
+    ds = ray.data.from_arrow(pa.table(columns))
+    cluster = ray.cluster_resources()
+    use_gpu = spec.use_gpu
+    if use_gpu is None:
+        use_gpu = member.num_gpus > 0 and cluster.get("GPU", 0) > 0
+    elif use_gpu and cluster.get("GPU", 0) <= 0:
+        raise ConfigError(
+            f"members ({member.name}).train.use_gpu: the cluster has no GPU; set use_gpu: false"
+        )
+    cpus = _worker_cpus(member, float(cluster.get("CPU", 1)), spec.num_workers)
+    storage = Path(workdir).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "member": member.name,
+            "base_model": spec.base_model,
+            "labels": list(cfg.labels),
+            "epochs": spec.epochs,
+            "learning_rate": spec.learning_rate,
+            "weight_decay": spec.weight_decay,
+            "warmup_ratio": spec.warmup_ratio,
+            "batch_size": spec.batch_size,
+            "freeze_encoder": spec.freeze_encoder,
+            "classifier_dropout": spec.classifier_dropout,
+            "seed": spec.seed,
+            "max_length": member.max_length,
+            "rows": len(index),
+            "has_pair": data.pairs is not None,
+            "threads": max(1, math.ceil(cpus - 1e-9)),
+            "trust_remote_code": member.trust_remote_code,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"train-{member.name}-{int(time.time())}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": ds},
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"member {member.name}: training produced no checkpoint")
+    target = Path(member.model)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(ckpt, staging)
+    # Swap in whole: a crash mid-write never leaves a half-written member.
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return {
+        "member": member.name,
+        "rows": int(len(index)),
+        "loss": float(result.metrics.get("loss", float("nan"))),
+        "seconds": time.perf_counter() - started,
+        "model": str(target),
+    }
+
+
+def train_members(
+    cfg: EnsembleConfig,
+    data: TrainSet,
+    *,
+    workdir: str | Path,
+    only: list[str] | None = None,
+    skip_existing: bool = False,
+) -> list[dict]:
+    """Train every member with a ``train:`` block (or those in ``only``)."""
+    members = [m for m in cfg.members if m.train is not None]
+    if only:
+        unknown = sorted(set(only) - {m.name for m in members})
+        if unknown:
+            raise ConfigError(f"--member: {unknown} have no train: block in the config")
+        members = [m for m in members if m.name in only]
+    if not members:
+        raise ConfigError(
+            "no member has a train: block; add one (base_model, epochs, ...) to train it"
+        )
+    done = []
+    for k, member in enumerate(members, 1):
+        if skip_existing and (Path(member.model) / "config.json").exists():
+            print(
+                f"train: {member.name} already at {member.model}; reusing it",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        print(
+            f"train: member {k}/{len(members)} '{member.name}' from {member.train.base_model}",
+            file=sys.stderr,
+            flush=True,
+        )
+        info = train_member(cfg, member, data, workdir)
+        print(
+            f"train: {member.name} done in {info['seconds']:.0f}s "
+            f"(final loss {info['loss']:.4f}) -> {info['model']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        done.append(info)
+    return done
