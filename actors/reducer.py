@@ -33,6 +33,7 @@ __all__ = [
     "build_label_index",
     "combine",
     "combine_embeddings",
+    "ensemble_distribution",
     "entropy",
     "l2_normalise",
     "member_top",
@@ -226,6 +227,23 @@ def stack(member_probs: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> 
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def ensemble_distribution(
+    member_probs: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    *,
+    multi_label: bool,
+    stacking: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The ensemble's ``(n, L)`` distribution: :func:`combine`, or the stacking meta-model
+    ``(coef, intercept)`` for ``method="stacking"``."""
+    if method == "stacking":
+        if stacking is None or multi_label:
+            raise ValueError("stacking needs a fitted meta-model and a single-label task")
+        return stack(member_probs, *stacking)
+    return combine(member_probs, weights, method, multi_label=multi_label)
+
+
 def vote_labels(
     probs: np.ndarray, weights: np.ndarray, ensemble_probs: np.ndarray, *, multi_label: bool
 ) -> np.ndarray:
@@ -324,12 +342,7 @@ def reduce_classification(
         valid &= ~bad
     member_probs[:, ~valid] = np.nan
     w = np.asarray(weights, dtype=np.float64)
-    if method == "stacking":
-        if stacking is None or multi_label:
-            raise ValueError("stacking needs a fitted meta-model and a single-label task")
-        p = stack(member_probs, *stacking)
-    else:
-        p = combine(member_probs, w, method, multi_label=multi_label)
+    p = ensemble_distribution(member_probs, w, method, multi_label=multi_label, stacking=stacking)
     if method == "majority_vote":
         label = vote_labels(member_probs, w, p, multi_label=multi_label)
     else:

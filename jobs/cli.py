@@ -9,10 +9,11 @@ traceback), 1 on a failure at run time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -167,6 +168,19 @@ def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = F
     return True
 
 
+@contextlib.contextmanager
+def _ray(address: str | None, num_cpus: int | None, *, dashboard: bool = False) -> Iterator[None]:
+    """Ray for the length of a command: shut down on the way out if this command started it."""
+    started_ray = _start_ray(address, num_cpus, dashboard=dashboard)
+    try:
+        yield
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def _score(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.offline import check_input, plan_ensemble, prepare_output, score
@@ -175,16 +189,10 @@ def _score(args: argparse.Namespace) -> int:
     plan = plan_ensemble(load_config(args.config))
     check_input(plan, args.input)
     prepare_output(args.output, overwrite=args.overwrite)  # fails early on a non-empty dir
-    started_ray = _start_ray(args.address, args.num_cpus)
-    try:
+    with _ray(args.address, args.num_cpus):
         started = time.perf_counter()
         summary = score(plan, args.input, args.output, overwrite=args.overwrite)
         took = time.perf_counter() - started
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     rate = summary.rows / took if took > 0 else 0.0
     print(
         f"scored {summary.rows} rows ({summary.scored} ok, {summary.errors} with an error) "
@@ -205,40 +213,34 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"ray-ensemble: error: --port {args.port} is not a port number", file=sys.stderr)
         return EXIT_USAGE
-    started_ray = _start_ray(args.address, args.num_cpus)
     from ray import serve
 
     from pipelines.online import build_app
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(
-            http_options={
-                "host": args.host,
-                "port": args.port,
-                "request_timeout_s": plan.config.serve.request_timeout_s + 5,
-            }
-        )
-        serve.run(build_app(plan), name=plan.config.name, route_prefix="/")
-        print(
-            f"serving '{plan.config.name}' on http://{args.host}:{args.port} "
-            "(POST /v1/predict, GET /healthz, GET /v1/ensemble, docs at /docs); Ctrl-C to stop",
-            file=sys.stderr,
-            flush=True,
-        )
-        while not stop.wait(0.5):
-            pass
-        print("ray-ensemble: shutting down", file=sys.stderr, flush=True)
-    finally:
+    with _ray(args.address, args.num_cpus):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         try:
-            serve.shutdown()
+            serve.start(
+                http_options={
+                    "host": args.host,
+                    "port": args.port,
+                    "request_timeout_s": plan.config.serve.request_timeout_s + 5,
+                }
+            )
+            serve.run(build_app(plan), name=plan.config.name, route_prefix="/")
+            print(
+                f"serving '{plan.config.name}' on http://{args.host}:{args.port} (POST "
+                "/v1/predict, GET /healthz, GET /v1/ensemble, docs at /docs); Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+            print("ray-ensemble: shutting down", file=sys.stderr, flush=True)
         finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+            serve.shutdown()
     return EXIT_OK
 
 
@@ -284,21 +286,17 @@ def _train(args: argparse.Namespace) -> int:
         f"train: {len(data.texts)} labelled rows ({data.skipped} skipped: no label or no text)",
         file=sys.stderr,
     )
-    started_ray = _start_ray(args.address, args.num_cpus, dashboard=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="ray-ensemble-train-") as tmp:
-            train_members(
-                cfg,
-                data,
-                workdir=args.workdir or tmp,
-                only=args.member,
-                skip_existing=args.skip_existing,
-            )
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    with (
+        _ray(args.address, args.num_cpus, dashboard=True),
+        tempfile.TemporaryDirectory(prefix="ray-ensemble-train-") as tmp,
+    ):
+        train_members(
+            cfg,
+            data,
+            workdir=args.workdir or tmp,
+            only=args.member,
+            skip_existing=args.skip_existing,
+        )
     return EXIT_OK
 
 
@@ -306,7 +304,6 @@ def _fit(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.fitting import (
         check_labelled_input,
-        check_single_label,
         collect_member_outputs,
         fit_ensemble,
         write_fitted_config,
@@ -315,16 +312,9 @@ def _fit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     plan = plan_ensemble(cfg)
-    check_single_label(plan, "fit")
-    check_labelled_input(plan, args.input, args.label_column)
-    started_ray = _start_ray(args.address, args.num_cpus)
-    try:
+    check_labelled_input(plan, args.input, args.label_column, "fit")
+    with _ray(args.address, args.num_cpus):
         data = collect_member_outputs(plan, args.input, args.label_column)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     result = fit_ensemble(plan, data, args.combine)
     out = write_fitted_config(args.config, args.output, cfg, result)
     print(
@@ -345,20 +335,13 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
-    from pipelines.fitting import check_labelled_input, check_single_label
+    from pipelines.fitting import check_labelled_input
     from pipelines.offline import plan_ensemble
 
     plan = plan_ensemble(load_config(args.config))
-    check_single_label(plan, "evaluate")
-    check_labelled_input(plan, args.input, args.label_column)
-    started_ray = _start_ray(args.address, args.num_cpus)
-    try:
+    check_labelled_input(plan, args.input, args.label_column, "evaluate")
+    with _ray(args.address, args.num_cpus):
         metrics = evaluate(plan, args.input, args.label_column, args.report)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     print(render_report(metrics))
     print(f"evaluate: {metrics['rows']} rows; report in {args.report}/report.md", file=sys.stderr)
     return EXIT_OK
@@ -371,9 +354,7 @@ def _demo(args: argparse.Namespace) -> int:
         args.workdir,
         train_rows=args.train_rows,
         eval_rows=args.eval_rows,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        start_ray=lambda address, cpus: _start_ray(address, cpus, dashboard=True),
+        ray_session=lambda: _ray(args.address, args.num_cpus, dashboard=True),
     )
 
 

@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import yaml
@@ -111,10 +112,9 @@ def run_demo(
     *,
     train_rows: int,
     eval_rows: int,
-    address: str | None,
-    num_cpus: int | None,
-    start_ray: Callable[[str | None, int | None], bool],
+    ray_session: Callable[[], AbstractContextManager],
 ) -> int:
+    """``ray_session``: a context that has Ray running inside it."""
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
     from pipelines.fitting import collect_member_outputs, fit_ensemble, write_fitted_config
@@ -136,8 +136,7 @@ def run_demo(
         "# The demo's members before fitting; `ray-ensemble fit` writes ensemble.yaml.\n"
         + yaml.safe_dump(demo_config(base, train_rows), sort_keys=False)
     )
-    started_ray = start_ray(address, num_cpus)
-    try:
+    with ray_session():
         cfg = load_config(base_config, for_training=True)
         step(f"train: 3 members from {base.name}, {train_rows} rows each (reused when present)")
         train_members(
@@ -157,11 +156,6 @@ def run_demo(
         after = evaluate(
             plan_ensemble(load_config(fitted)), data / "test.jsonl", "label", work / "report"
         )
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     print(f"\nTest split ({after['rows']} rows), fitted ensemble ({fitted.name}):\n")
     print(render_report(after))
     print("\nNLL on the test split, before -> after fit:")

@@ -31,18 +31,30 @@ def brier(probs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
 
 
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top label, over ``bins`` equal-width bins."""
+def calibration_bins(
+    probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS
+) -> list[tuple[float, float, int]]:
+    """Per non-empty equal-width bin of top-label confidence: (mean confidence, accuracy,
+    rows)."""
     p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
+    out = []
     for b in range(bins):
         in_bin = which == b
         if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(total)
+            out.append(
+                (float(conf[in_bin].mean()), float(correct[in_bin].mean()), int(in_bin.sum()))
+            )
+    return out
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top label, over ``bins`` equal-width bins."""
+    return float(
+        sum(n / len(y) * abs(acc - conf) for conf, acc, n in calibration_bins(probs, y, bins))
+    )
 
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -61,19 +73,6 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]
     }
 
 
-def _reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS):
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    xs, ys = [], []
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.sum() >= 5:  # a handful of rows says nothing about calibration
-            xs.append(conf[in_bin].mean())
-            ys.append(correct[in_bin].mean())
-    return xs, ys
-
-
 def _plots(
     report: Path, labels: list[str], probs: dict[str, np.ndarray], y: np.ndarray
 ) -> list[str]:
@@ -86,7 +85,9 @@ def _plots(
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     for name, p in probs.items():
-        xs, ys = _reliability(np.nan_to_num(p, nan=0.0), y)
+        # A handful of rows says nothing about calibration: plot bins of 5 or more.
+        shown = [(conf, acc) for conf, acc, n in calibration_bins(p, y) if n >= 5]
+        xs, ys = [c for c, _ in shown], [a for _, a in shown]
         ensemble = name == "ensemble"
         ax.plot(
             xs,

@@ -22,10 +22,16 @@ import yaml
 from scipy.optimize import minimize, minimize_scalar
 
 from actors.member import member_output_column
-from actors.reducer import combine, normalise, stack, stacking_features
+from actors.reducer import combine, ensemble_distribution, normalise, stacking_features
 from pipelines.config import ConfigError, EnsembleConfig, load_config
-from pipelines.io import InputError, list_input_files, peek_columns, read_column
-from pipelines.offline import EnsemblePlan, check_input, member_stages, read_windows
+from pipelines.io import InputError, list_input_files, peek_columns, read_column, require_column
+from pipelines.offline import (
+    EnsemblePlan,
+    check_input,
+    member_outputs,
+    member_stages,
+    read_windows,
+)
 from pipelines.stacking import StackingModel
 
 __all__ = [
@@ -81,16 +87,14 @@ def label_indices(values: list, labels: list[str], label_column: str) -> np.ndar
 
 
 def check_labelled_input(
-    plan: EnsemblePlan, input_path: str | Path, label_column: str
+    plan: EnsemblePlan, input_path: str | Path, label_column: str, command: str
 ) -> np.ndarray:
-    """Check the input and its labels before Ray starts; the label index of every row."""
+    """Check the ensemble, the input and its labels before Ray starts; the label index of
+    every row."""
+    check_single_label(plan, command)
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
-    if (fmt != "jsonl" or columns) and label_column not in columns:
-        raise InputError(
-            f"--label-column: {files[0].name} has no column '{label_column}' "
-            f"(its columns: {columns})"
-        )
+    require_column(files[0], fmt, columns, label_column, "--label-column")
     check_input(plan, input_path, allow=(label_column,))
     y = label_indices(read_column(files, fmt, label_column), plan.config.labels, label_column)
     if not (y >= 0).any():
@@ -123,10 +127,8 @@ def collect_member_outputs(
     for batch in ds.select_columns(keep).iter_batches(batch_format="pyarrow", batch_size=None):
         ys.extend(batch.column(label_column).to_pylist())
         errors.extend(batch.column("error").to_pylist())
-        for i, name in enumerate(names):
-            column = batch.column(member_output_column(name)).combine_chunks()
-            width = column.type.list_size
-            outs[i].append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width))
+        for i, out in enumerate(member_outputs(batch, names)):
+            outs[i].append(out)
     y = label_indices(ys, cfg.labels, label_column)
     ok = (y >= 0) & np.array([e is None for e in errors], dtype=bool)
     width = cfg.num_labels
@@ -198,18 +200,19 @@ class FitResult:
     ensemble_nll: tuple[float, float]
 
 
-def ensemble_probs(
+def _ensemble_nll(
     member_probs: np.ndarray,
     weights: list[float],
     method: str,
-    stacking: StackingModel | None,
-) -> np.ndarray:
-    if method == "stacking":
-        assert stacking is not None
-        return stack(member_probs, stacking.coef, stacking.intercept)
-    if method == "majority_vote":
-        method = "weighted_mean"  # the vote's distribution
-    return combine(member_probs, np.asarray(weights, dtype=np.float64), method, multi_label=False)
+    meta: StackingModel | None,
+    y: np.ndarray,
+) -> float:
+    """NLL of the distribution the reducer would output."""
+    stacking = (meta.coef, meta.intercept) if meta is not None else None
+    p = ensemble_distribution(
+        member_probs, np.asarray(weights), method, multi_label=False, stacking=stacking
+    )
+    return nll(p, y)
 
 
 def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitResult:
@@ -239,8 +242,8 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitR
         model = fit_stacking(after, y, list(cfg.labels), data.names)
     else:
         weights = fit_weights(after, y, method).tolist()
-    ensemble_before = nll(ensemble_probs(before, before_w, cfg.reducer.combine, plan.stacking), y)
-    ensemble_after = nll(ensemble_probs(after, weights, method, model), y)
+    ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
+    ensemble_after = _ensemble_nll(after, weights, method, model, y)
     return FitResult(
         combine=method,
         temperatures=temps,
@@ -265,7 +268,8 @@ def write_fitted_config(
     config_path: str | Path, output: str | Path, cfg: EnsembleConfig, result: FitResult
 ) -> Path:
     """The user's config with fitted temperatures, weights or stacking model; paths are
-    rewritten relative to the new file's folder. Returns the stacking file, if any."""
+    rewritten relative to the new file's folder. Returns the path written; a stacking
+    model goes beside it as ``<name>.stacking.json``."""
     output = Path(output)
     out_dir = output.resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)

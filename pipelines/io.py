@@ -88,6 +88,20 @@ def list_input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str, Pat
     return files, formats.pop(), path
 
 
+def require_column(
+    path: Path, fmt: str, columns: list[str], column: str, flag: str, fix: str = ""
+) -> None:
+    """InputError when ``path`` (with ``columns``, from :func:`peek_columns`) lacks ``column``.
+
+    A JSONL file whose first line is unreadable says nothing about its columns, so it
+    passes: its rows get an error each instead.
+    """
+    if (fmt != "jsonl" or columns) and column not in columns:
+        raise InputError(
+            f"{flag}: {path.name} has no column '{column}' (its columns: {columns}){fix}"
+        )
+
+
 def peek_columns(path: Path, fmt: str) -> list[str]:
     """Column names from the start of a file, for checks before any Ray work."""
     if fmt == "parquet":

@@ -37,6 +37,7 @@ from pipelines.io import (
     InputError,
     list_input_files,
     peek_columns,
+    require_column,
 )
 from pipelines.stacking import StackingModel
 
@@ -161,7 +162,8 @@ def _floats(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.array(np.asarray(values, dtype=np.float64), mask=~valid)
 
 
-def _member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
+def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
+    """Each member's ``__member__<name>`` column as an ``(n, width)`` array."""
     outs = []
     for name in names:
         column = batch.column(member_output_column(name)).combine_chunks()
@@ -174,7 +176,7 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     """The last stage: members' outputs in, the output contract's columns out."""
     cfg = plan.config
     names = [m.name for m in cfg.members]
-    outputs = _member_outputs(batch, names)
+    outputs = member_outputs(batch, names)
     batch = batch.drop_columns([member_output_column(n) for n in names])
     errors = batch.column("error").to_pylist()
     batch = batch.drop_columns(["error"])
@@ -313,12 +315,7 @@ def check_input(
     cfg = plan.config
     columns = peek_columns(files[0], fmt)
     text = cfg.input.text_column
-    if fmt != "jsonl" or columns:
-        if text not in columns:
-            raise InputError(
-                f"--input: {files[0].name} has no column '{text}' (its columns: {columns}); "
-                "set input.text_column in the config"
-            )
+    require_column(files[0], fmt, columns, text, "--input", "; set input.text_column in the config")
     produced = set(cfg.output_columns())
     clash = [
         c

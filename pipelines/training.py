@@ -22,7 +22,7 @@ import numpy as np
 
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 from pipelines.fitting import label_indices
-from pipelines.io import InputError, list_input_files, peek_columns, read_column
+from pipelines.io import InputError, list_input_files, peek_columns, read_column, require_column
 
 __all__ = ["TrainSet", "read_train_set", "train_member", "train_members"]
 
@@ -46,10 +46,7 @@ def read_train_set(cfg: EnsembleConfig, input_path: str | Path, label_column: st
     columns = peek_columns(files[0], fmt)
     text, pair = cfg.input.text_column, cfg.input.text_pair_column
     for col, flag in ((text, "input.text_column"), (label_column, "--label-column")):
-        if (fmt != "jsonl" or columns) and col not in columns:
-            raise InputError(
-                f"{flag}: {files[0].name} has no column '{col}' (its columns: {columns})"
-            )
+        require_column(files[0], fmt, columns, col, flag)
     texts = read_column(files, fmt, text)
     pairs = read_column(files, fmt, pair) if pair else None
     y = label_indices(read_column(files, fmt, label_column), cfg.labels, label_column)
