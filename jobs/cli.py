@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def in_ray_job() -> bool:
+    """True in the entrypoint of a Ray Job, whose supervisor hands it the job's config."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = False) -> bool:
     """Join ``address`` or start a local instance; True when we started Ray here.
 
@@ -154,13 +159,15 @@ def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = F
 
     if ray.is_initialized():
         return False
-    # Members' actors import the top-level packages; ship them when joining a cluster.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = (
-        {"working_dir": root, "excludes": [".venv", ".git", "examples", "out"]} if address else None
-    )
     started = time.perf_counter()
-    if address:
+    if in_ray_job():
+        # `ray job submit --working-dir .` already ships this project to every worker; a
+        # second working_dir here would conflict with the job's runtime_env.
+        ray.init(address=address or "auto", log_to_driver=True)
+    elif address:
+        # Members' actors import the top-level packages; ship them when joining a cluster.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"working_dir": root, "excludes": [".venv", ".git", "examples", "out"]}
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
@@ -358,11 +365,13 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
+) -> int:
     from pipelines.config import ConfigError
     from pipelines.io import InputError
 
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     try:
         if args.command == "score":
             return _score(args)
@@ -391,6 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ray-ensemble: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_USAGE
+
+
+def run_job(command: str) -> int:
+    """The body of ``python -m jobs.<command>``: the CLI's ``<command>`` with this
+    process's arguments, joining the cluster of the Ray Job it runs in."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands.choices[command].prog = f"python -m jobs.{command}"  # usage lines name the job
+    return main([command, *sys.argv[1:]], parser=parser)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def demo_config(base_model: Path, train_rows: int) -> dict:
         "members": [
             member("full_a", 64, seed=1, epochs=1, learning_rate=1e-4),
             member("frozen", 64, seed=2, epochs=3, learning_rate=2e-3, freeze_encoder=True),
-            member("full_b", 40, seed=3, epochs=1, learning_rate=4e-5, classifier_dropout=0.3),
+            member("full_b", 48, seed=3, epochs=1, learning_rate=1e-4, classifier_dropout=0.2),
         ],
         "reducer": {"combine": "weighted_mean"},
     }
