@@ -17,7 +17,15 @@ if TYPE_CHECKING:
 
     from pipelines.config import EnsembleConfig, MemberConfig
 
-__all__ = ["MemberSpec", "describe_member", "load_hf_model", "pick_device", "resolve_dtype"]
+__all__ = [
+    "MemberLoadError",
+    "MemberSpec",
+    "describe_member",
+    "import_member_modules",
+    "load_hf_model",
+    "pick_device",
+    "resolve_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,14 @@ def _read_config(member: MemberConfig) -> Any:
             else "check the id and your network, or download the model and point `model` at "
             "the local directory"
         )
-        if "trust_remote_code" in str(exc):
+        if "does not recognize this architecture" in str(exc):
+            hint = (
+                "this architecture is not in transformers: name the module that registers it "
+                "(AutoConfig.register / AutoModelForSequenceClassification.register) under "
+                "`register:`, or set trust_remote_code: true if the model ships its own code "
+                "and you trust it"
+            )
+        elif "trust_remote_code" in str(exc):
             hint = "this model runs its own code: set trust_remote_code: true only if you trust it"
         raise MemberLoadError(
             f"model: cannot load a model config from {where} "
@@ -57,8 +72,25 @@ class MemberLoadError(ValueError):
     """A member's model cannot be used as configured."""
 
 
+def import_member_modules(member: MemberConfig) -> None:
+    """Import the member's ``register`` modules (they register custom architectures)."""
+    import importlib
+
+    for name in member.register_modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an ImportError, or anything the module raises on import
+            raise MemberLoadError(
+                f"register: cannot import '{name}' ({type(exc).__name__}: {exc}); install it "
+                "on every node or ship it with the job (`ray job submit --working-dir .`)"
+            ) from None
+
+
 def describe_member(member: MemberConfig, ensemble: EnsembleConfig) -> MemberSpec:
     """Read the member's model config and align its labels to the ensemble's."""
+    import_member_modules(member)
+    if member.backend != "hf":
+        return _describe_custom(member, ensemble)
     config = _read_config(member)
     if ensemble.task == "embedding":
         hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
@@ -69,6 +101,55 @@ def describe_member(member: MemberConfig, ensemble: EnsembleConfig) -> MemberSpe
         str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num)
     )
     multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+    return _align_member(member, ensemble, model_labels, multi_label)
+
+
+def _describe_custom(member: MemberConfig, ensemble: EnsembleConfig) -> MemberSpec:
+    """A torch or ONNX member: checked on the driver without loading its weights (torch)
+    or by opening the graph (ONNX), so mistakes surface before any Ray work."""
+    from actors import backends
+
+    width: int | None = None
+    if member.backend == "onnx":
+        session = backends.onnx_session(member)
+        width = backends.onnx_output_width(session, member.onnx_output)
+        folder = backends.find_onnx_file(member.model).parent
+    else:
+        import torch
+
+        if not issubclass(backends.import_class(member.module or ""), torch.nn.Module):
+            raise MemberLoadError(f"module: {member.module} is not a torch.nn.Module")
+        backends.find_weights(Path(member.model))
+        kwargs = backends.module_kwargs(member)
+        folder = Path(member.model)
+        if ensemble.task == "embedding":
+            width = next(
+                (int(kwargs[k]) for k in ("hidden_size", "dim", "embedding_size") if k in kwargs),
+                None,
+            )
+    if not member.tokenizer and not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    ):
+        raise MemberLoadError(
+            f"tokenizer: {folder} has no tokenizer files; set `tokenizer:` to the tokenizer's "
+            "directory (or hub id)"
+        )
+    if ensemble.task == "embedding":
+        return MemberSpec(member.name, (), False, False, (), width)
+    model_labels = tuple(member.output_labels or ensemble.labels or ())
+    if width is not None and width != len(model_labels):
+        raise MemberLoadError(
+            f"output_labels: the model gives {width} values per row but the member has "
+            f"{len(model_labels)} labels {list(model_labels)}; set output_labels to the "
+            "label of each output, in order"
+        )
+    return _align_member(member, ensemble, model_labels, False)
+
+
+def _align_member(
+    member: MemberConfig, ensemble: EnsembleConfig, model_labels: tuple[str, ...], multi_label: bool
+) -> MemberSpec:
+    num = len(model_labels)
     labels = ensemble.labels or []
     single_logit = num == 1
     try:

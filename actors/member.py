@@ -22,7 +22,7 @@ import pyarrow as pa
 from actors.loading import MemberSpec, load_hf_model, pick_device
 from actors.reducer import align_logits
 
-__all__ = ["HFBackend", "MemberBackend", "MemberHost", "member_output_column"]
+__all__ = ["HFBackend", "MemberBackend", "MemberHost", "make_backend", "member_output_column"]
 
 
 class MemberBackend(Protocol):
@@ -46,38 +46,30 @@ class HFBackend:
     """A transformers model: sequence classification logits, or mean-pooled embeddings."""
 
     def __init__(self, member: Any, task: str, device: str) -> None:
+        import inspect
+
         import torch
+
+        from actors.backends import TokenEncoder
 
         self._torch = torch
         self.device = device
         self.task = task
-        self.max_length = member.max_length
-        self.tokenizer, self.model = load_hf_model(member, task, device)
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = int(pad) if pad is not None else 0
+        tokenizer, self.model = load_hf_model(member, task, device)
         # The model takes only the inputs its forward() names (e.g. no token_type_ids for RoBERTa).
-        import inspect
-
         accepted = set(inspect.signature(self.model.forward).parameters)
-        self._keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted]
-        if "attention_mask" not in self._keys:
-            self._keys.append("attention_mask")  # always built for pooling
+        self._encoder = TokenEncoder(
+            tokenizer,
+            member.max_length,
+            [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted],
+        )
+        self._keys = self._encoder._keys
+        self.pad_token_id = self._encoder.pad_token_id
 
     def encode(
         self, texts: Sequence[str], pairs: Sequence[str] | None
     ) -> dict[str, list[list[int]]]:
-        enc = self.tokenizer(
-            list(texts),
-            list(pairs) if pairs is not None else None,
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-        )
-        out = {"input_ids": enc["input_ids"]}
-        if "token_type_ids" in self._keys and "token_type_ids" in enc:
-            out["token_type_ids"] = enc["token_type_ids"]
-        return out
+        return self._encoder.encode(texts, pairs)
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
@@ -94,6 +86,22 @@ class HFBackend:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 return pooled.float().cpu().numpy()
             return out.logits.float().cpu().numpy()
+
+
+def make_backend(member: Any, task: str, device: str, threads: int | None = None) -> MemberBackend:
+    """The member's model, loaded on ``device``, behind the one backend interface."""
+    from actors.loading import import_member_modules
+
+    import_member_modules(member)
+    if member.backend == "torch":
+        from actors.backends import TorchModuleBackend
+
+        return TorchModuleBackend(member, task, device)
+    if member.backend == "onnx":
+        from actors.backends import OnnxBackend
+
+        return OnnxBackend(member, task, device, threads)
+    return HFBackend(member, task, device)
 
 
 def member_output_column(name: str) -> str:
@@ -149,7 +157,7 @@ class MemberHost:
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.output_column = member_output_column(member.name)
-        self.backend = backend or HFBackend(member, task, pick_device(member.num_gpus))
+        self.backend = backend or make_backend(member, task, pick_device(member.num_gpus), threads)
         # Counters for padding efficiency: real tokens / padded tokens.
         self.real_tokens = 0
         self.padded_tokens = 0

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-rows", type=int, default=2000, help="training rows per member (default 2000)"
     )
     demo.add_argument(
-        "--eval-rows", type=int, default=1000, help="validation and test rows each (default 1000)"
+        "--eval-rows", type=int, default=2500, help="validation and test rows each (default 2500)"
     )
     _add_ray_arguments(demo)
     return parser

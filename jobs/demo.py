@@ -129,7 +129,16 @@ def run_demo(
 
     corpus, base = find_rotten_tomatoes(), find_base_model()
     data = work / "data"
+    split = {"seed": SPLIT_SEED, "eval_rows": eval_rows}
+    marker = data / "split.json"
+    if (work / "models").is_dir() and marker.is_file() and json.loads(marker.read_text()) != split:
+        # Reused members trained on another split would have seen today's test rows.
+        raise ConfigError(
+            f"{work} holds members trained on a split with {json.loads(marker.read_text())}; "
+            f"use a new --workdir for --eval-rows {eval_rows}"
+        )
     sizes = prepare_splits(corpus, data, eval_rows=eval_rows)
+    marker.write_text(json.dumps(split))
     step(f"data: {sizes} rows (seed {SPLIT_SEED}) in {data}")
     base_config = work / "ensemble.base.yaml"
     base_config.write_text(

@@ -162,6 +162,70 @@ class MemberConfig(_Strict):
     train: TrainConfig | None = Field(
         None, description="Fine-tuning settings used by `ray-ensemble train`."
     )
+    backend: Literal["hf", "torch", "onnx"] = Field(
+        "hf",
+        description="hf: a transformers model directory or hub id; torch: a plain nn.Module "
+        "(`module`) with safetensors weights; onnx: an ONNX file run with onnxruntime.",
+    )
+    # `register` would shadow BaseModel.register (from ABCMeta); the key users write is it.
+    register_modules: list[str] = Field(
+        default_factory=list,
+        alias="register",
+        description="Modules imported before loading, e.g. to register a custom architecture "
+        "with AutoConfig / AutoModelForSequenceClassification (no trust_remote_code needed).",
+    )
+    module: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="backend torch: the nn.Module class as `package.module:Class`.",
+    )
+    module_config: dict[str, Any] | None = Field(
+        None,
+        description="backend torch: keyword arguments for the class; default: the model "
+        "directory's config.json.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer directory or hub id; default: the model directory (the ONNX "
+        "file's folder for onnx).",
+    )
+    output_labels: list[str] | None = Field(
+        None,
+        description="backend torch / onnx: the label of each output, in order (default: the "
+        "ensemble's labels); label_map applies to them.",
+    )
+    onnx_output: str | None = Field(
+        None, description="backend onnx: the output to read (default: the first)."
+    )
+
+    @field_validator("register_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _backend_keys(self) -> MemberConfig:
+        if self.backend == "torch" and not self.module:
+            raise ValueError(
+                "module: backend torch needs the nn.Module class, e.g. module: my_models:TextCNN"
+            )
+        misplaced = {
+            "module": self.module and self.backend != "torch",
+            "module_config": self.module_config is not None and self.backend != "torch",
+            "onnx_output": self.onnx_output and self.backend != "onnx",
+            "output_labels": self.output_labels is not None and self.backend == "hf",
+        }
+        for key, wrong in misplaced.items():
+            if wrong:
+                needs = {"module": "torch", "module_config": "torch", "onnx_output": "onnx"}
+                which = needs.get(key, "torch or onnx")
+                raise ValueError(
+                    f"{key}: only for backend {which} (this member's backend is "
+                    f"{self.backend}); remove it or set backend: {which.split()[0]}"
+                )
+        if self.train is not None and self.backend != "hf":
+            raise ValueError(f"train: only Hugging Face members can be trained, not {self.backend}")
+        return self
 
     @field_validator("replicas")
     @classmethod
@@ -311,10 +375,11 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
-def resolve_model_path(model: str, base_dir: Path) -> str:
-    """A local directory as an absolute path; a hub id unchanged."""
+def resolve_model_path(model: str, base_dir: Path, *, file_ok: bool = False) -> str:
+    """A local directory (or, with ``file_ok``, a file) as an absolute path; a hub id
+    unchanged."""
     candidate = (base_dir / Path(model).expanduser()).resolve()
-    if candidate.is_dir():
+    if candidate.is_dir() or (file_ok and candidate.is_file()):
         return str(candidate)
     if _looks_like_path(model):
         raise FileNotFoundError(str(candidate))
@@ -400,15 +465,29 @@ def config_from_dict(
                 model = str((base_dir / Path(member.model).expanduser()).resolve())
                 if not for_training and not Path(model).is_dir():
                     raise FileNotFoundError(model)
-            else:
+            elif member.backend == "hf":
                 model = resolve_model_path(member.model, base_dir)
+            else:
+                # torch and onnx members are local: there is no hub for them here.
+                model = str((base_dir / Path(member.model).expanduser()).resolve())
+                if not Path(model).exists():
+                    raise FileNotFoundError(model)
         except FileNotFoundError as exc:
             raise ConfigError(
-                f"{source}: members[{i}] ({member.name}).model: directory {exc} does not "
+                f"{source}: members[{i}] ({member.name}).model: "
+                f"{'directory' if member.backend == 'hf' else 'path'} {exc} does not "
                 "exist; fix the path (relative paths are read from the config file's "
                 "folder), train the member first (`ray-ensemble train`), or give a hub id"
             ) from None
         update: dict[str, Any] = {"model": model}
+        if member.tokenizer:
+            try:
+                update["tokenizer"] = resolve_model_path(member.tokenizer, base_dir)
+            except FileNotFoundError as exc:
+                raise ConfigError(
+                    f"{source}: members[{i}] ({member.name}).tokenizer: directory {exc} does "
+                    "not exist; fix the path (relative to the config file's folder)"
+                ) from None
         if member.train is not None:
             base = member.train.base_model
             try:

@@ -90,7 +90,8 @@ def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
             f"{multi}; an ensemble needs one kind: set problem_type in the models' config.json"
         )
     if cfg.task == "embedding" and cfg.reducer.combine == "mean":
-        dims = {s.name: s.hidden_size for s in specs}
+        # A torch member's size is known only once it runs; the reducer checks it then.
+        dims = {s.name: s.hidden_size for s in specs if s.hidden_size is not None}
         if len(set(dims.values())) > 1:
             raise ConfigError(
                 f"reducer.combine: mean needs members of one embedding size, got {dims}; "
@@ -294,6 +295,17 @@ def member_resources(
     return out
 
 
+def plan_resources(cfg: EnsembleConfig) -> list[MemberResources]:
+    """Resources per member on the running cluster, after checking that the GPU members
+    fit in their share of GPU memory (ConfigError otherwise)."""
+    from pipelines.placement import check_gpu_fit, cluster_gpus
+
+    cluster, node_cpus = cluster_shape()
+    if float(cluster.get("GPU", 0)) > 0:
+        check_gpu_fit(cfg, cluster_gpus())
+    return member_resources(cfg, cluster, node_cpus)
+
+
 def cluster_shape() -> tuple[dict, float]:
     """The cluster's resources, and the most CPUs on one live node."""
     import ray
@@ -394,8 +406,7 @@ def member_stages(plan: EnsemblePlan, ds):
     from ray.data import ActorPoolStrategy
 
     cfg = plan.config
-    cluster, node_cpus = cluster_shape()
-    resources = member_resources(cfg, cluster, node_cpus)
+    resources = plan_resources(cfg)
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         pool = (
             ActorPoolStrategy(size=res.min_replicas)

@@ -39,9 +39,8 @@ from actors.reducer import member_top
 from pipelines.offline import (
     LIGHT_TASK_CPUS,
     EnsemblePlan,
-    cluster_shape,
-    member_resources,
     plan_ensemble,
+    plan_resources,
     reduce_batch,
 )
 
@@ -499,7 +498,7 @@ def build_app(plan: EnsemblePlan) -> serve.Application:
     """The Serve application for an ensemble. Ray must be running (its shape sets CPUs)."""
     cfg = plan.config
     limits = cfg.serve
-    resources = member_resources(cfg, *cluster_shape())
+    resources = plan_resources(cfg)
     members = []
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         options: dict[str, Any] = {
