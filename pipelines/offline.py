@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,22 +264,33 @@ class MemberResources:
 
 
 def member_resources(
-    cfg: EnsembleConfig, cluster: dict, max_node_cpus: float
+    cfg: EnsembleConfig, cluster: dict, max_node_cpus: float, *, cpu_fallback: bool = True
 ) -> list[MemberResources]:
     """CPU and GPU requests per member replica.
 
     Members without a GPU share the CPUs evenly unless they set ``num_cpus``, leaving a
     little for the light stages so the pipeline cannot deadlock on a small machine.
+    ``cpu_fallback``: with no GPU in the cluster, run GPU members on CPU (a local Ray);
+    otherwise keep asking for GPUs, which an autoscaling cluster adds.
     """
     total_cpus = float(cluster.get("CPU", 0))
     has_gpu = float(cluster.get("GPU", 0)) > 0
     gpu_members = [m for m in cfg.members if m.num_gpus > 0]
     if gpu_members and not has_gpu:
-        warnings.warn(
-            f"members {[m.name for m in gpu_members]} ask for GPUs but the cluster has none; "
-            "running them on CPU",
-            stacklevel=2,
-        )
+        if cpu_fallback:
+            warnings.warn(
+                f"members {[m.name for m in gpu_members]} ask for GPUs but the cluster has "
+                "none; running them on CPU",
+                stacklevel=2,
+            )
+        else:
+            print(
+                f"members {[m.name for m in gpu_members]} ask for GPUs and the cluster has none "
+                "yet: waiting for the autoscaler to add GPU nodes",
+                file=sys.stderr,
+                flush=True,
+            )
+            has_gpu = True
     cpu_members = [m for m in cfg.members if not (m.num_gpus > 0 and has_gpu)]
     auto = [m for m in cpu_members if m.num_cpus is None]
     fixed = sum(m.num_cpus * m.replica_range[1] for m in cpu_members if m.num_cpus is not None)
@@ -298,12 +310,17 @@ def member_resources(
 def plan_resources(cfg: EnsembleConfig) -> list[MemberResources]:
     """Resources per member on the running cluster, after checking that the GPU members
     fit in their share of GPU memory (ConfigError otherwise)."""
+    import ray
+
     from pipelines.placement import check_gpu_fit, cluster_gpus
 
     cluster, node_cpus = cluster_shape()
     if float(cluster.get("GPU", 0)) > 0:
         check_gpu_fit(cfg, cluster_gpus())
-    return member_resources(cfg, cluster, node_cpus)
+    # A Ray this process started (ray.init without an address) never grows GPUs.
+    node = getattr(ray._private.worker, "_global_node", None)
+    local = bool(getattr(node, "ray_init_cluster", False))
+    return member_resources(cfg, cluster, node_cpus, cpu_fallback=local)
 
 
 def cluster_shape() -> tuple[dict, float]:

@@ -69,3 +69,10 @@ def test_no_gpus_means_no_check_and_cpu_placement(ray_cluster, models, tmp_path)
     assert any("running them on CPU" in str(w.message) for w in caught)
     (res,) = member_resources(cfg, {"CPU": 8.0, "GPU": 1.0}, 8.0)
     assert res.num_gpus == 0.5 and res.num_cpus == 1.0
+
+
+def test_a_joined_cluster_without_gpus_yet_waits_for_them(models, tmp_path, capsys):
+    cfg = config(models, tmp_path, num_gpus=0.5)
+    (res,) = member_resources(cfg, {"CPU": 2.0}, 2.0, cpu_fallback=False)
+    assert res.num_gpus == 0.5  # the autoscaler adds GPU nodes for this request
+    assert "waiting for the autoscaler" in capsys.readouterr().err
