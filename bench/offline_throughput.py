@@ -93,13 +93,23 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
+DEVICE = "cpu"  # --num-gpus > 0: "cuda", for the plain loops as for the members
+
+
 def load_models(model_dirs: list[str]) -> list[tuple]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    # The same dtype the members run with (resolve_dtype's auto): half precision on a GPU.
+    from actors.loading import resolve_dtype
 
     return [
         (
             AutoTokenizer.from_pretrained(d),
-            AutoModelForSequenceClassification.from_pretrained(d).eval(),
+            AutoModelForSequenceClassification.from_pretrained(
+                d, dtype=resolve_dtype("auto", DEVICE)
+            )
+            .to(DEVICE)
+            .eval(),
         )
         for d in model_dirs
     ]
@@ -119,8 +129,8 @@ def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
                     truncation=True,
                     max_length=MAX_LENGTH,
                     return_tensors="pt",
-                )
-                model(**enc).logits.numpy()
+                ).to(DEVICE)
+                model(**enc).logits.float().cpu().numpy()
     return time.perf_counter() - start
 
 
@@ -137,8 +147,8 @@ def sorted_loop(model_dirs: list[str], texts: list[str]) -> float:
             for i in range(0, len(texts), BATCH):
                 rows = order[i : i + BATCH]
                 feats = [{k: enc[k][r] for k in enc} for r in rows]
-                batch = tok.pad(feats, return_tensors="pt")
-                out[rows] = model(**batch).logits.numpy()
+                batch = tok.pad(feats, return_tensors="pt").to(DEVICE)
+                out[rows] = model(**batch).logits.float().cpu().numpy()
     return time.perf_counter() - start
 
 
@@ -212,15 +222,20 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "ray-ensemble-bench")
     )
+    parser.add_argument(
+        "--num-gpus", type=float, default=0, help="GPUs per member (0: CPU); plain loops on cuda"
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
 
     import torch
 
+    global DEVICE
+    DEVICE = "cuda" if args.num_gpus > 0 else "cpu"
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    members = build_members(work, max(args.members))
+    members = [{**m, "num_gpus": args.num_gpus} for m in build_members(work, max(args.members))]
     texts = make_texts(args.rows)
     data, small = work / "data.parquet", work / "small.parquet"
     pq.write_table(pa.table({"text": texts}), data)
@@ -228,6 +243,7 @@ def main() -> None:
     results: dict = {
         "rows": args.rows,
         "threads": args.threads,
+        "num_gpus": args.num_gpus,
         "cpus": os.cpu_count(),
         "padding_efficiency": {"naive": padding_efficiency(members, texts, None)},
         "k": {},
@@ -243,7 +259,12 @@ def main() -> None:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=args.threads,
+        num_gpus=torch.cuda.device_count() if args.num_gpus else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     results["ray_start_s"] = time.perf_counter() - start
     ray.data.DataContext.get_current().enable_progress_bars = False
     results["padding_efficiency"]["ray_ensemble"] = padding_efficiency(members, texts, data)
