@@ -42,6 +42,7 @@ from actors.loading import MemberLoadError
 __all__ = [
     "OnnxBackend",
     "TokenEncoder",
+    "TokenizedBackend",
     "TorchModuleBackend",
     "find_onnx_file",
     "find_weights",
@@ -64,9 +65,9 @@ class TokenEncoder:
     def __init__(self, tokenizer: Any, max_length: int, keys: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._keys = list(keys)
-        if "attention_mask" not in self._keys:
-            self._keys.append("attention_mask")  # always built: padding and pooling use it
+        self.keys = list(keys)
+        if "attention_mask" not in self.keys:
+            self.keys.append("attention_mask")  # always built: padding and pooling use it
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
 
@@ -82,9 +83,25 @@ class TokenEncoder:
             return_attention_mask=False,
         )
         out = {"input_ids": enc["input_ids"]}
-        if "token_type_ids" in self._keys and "token_type_ids" in enc:
+        if "token_type_ids" in self.keys and "token_type_ids" in enc:
             out["token_type_ids"] = enc["token_type_ids"]
         return out
+
+
+class TokenizedBackend:
+    """The tokenising half every backend shares; subclasses call ``_use_tokenizer``."""
+
+    _encoder: TokenEncoder
+    pad_token_id: int
+
+    def _use_tokenizer(self, tokenizer: Any, max_length: int, keys: Sequence[str]) -> None:
+        self._encoder = TokenEncoder(tokenizer, max_length, keys)
+        self.pad_token_id = self._encoder.pad_token_id
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> dict[str, list[list[int]]]:
+        return self._encoder.encode(texts, pairs)
 
 
 def pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -211,7 +228,7 @@ def build_module(member: Any) -> Any:
     return model
 
 
-class TorchModuleBackend:
+class TorchModuleBackend(TokenizedBackend):
     """A plain ``nn.Module`` whose ``forward(input_ids, attention_mask=..., ...)`` returns
     logits / an embedding (a tensor, a tuple whose first item is one, or an object with
     ``logits`` or ``last_hidden_state``)."""
@@ -225,15 +242,9 @@ class TorchModuleBackend:
         self.device = device
         self.model = build_module(member).to(device, resolve_dtype(member.dtype, device)).eval()
         self._keys = _forward_keys(self.model.forward)
-        self._encoder = TokenEncoder(
+        self._use_tokenizer(
             load_tokenizer(member, Path(member.model)), member.max_length, self._keys
         )
-        self.pad_token_id = self._encoder.pad_token_id
-
-    def encode(
-        self, texts: Sequence[str], pairs: Sequence[str] | None
-    ) -> dict[str, list[list[int]]]:
-        return self._encoder.encode(texts, pairs)
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
@@ -307,7 +318,7 @@ def onnx_output_width(session: Any, name: str | None) -> int | None:
     return last if isinstance(last, int) else None
 
 
-class OnnxBackend:
+class OnnxBackend(TokenizedBackend):
     """An ONNX graph run with onnxruntime (CUDA when the member has a GPU and the
     onnxruntime-gpu build is installed, CPU otherwise)."""
 
@@ -316,15 +327,7 @@ class OnnxBackend:
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._output = member.onnx_output or self.session.get_outputs()[0].name
         folder = find_onnx_file(member.model).parent
-        self._encoder = TokenEncoder(
-            load_tokenizer(member, folder), member.max_length, self._inputs
-        )
-        self.pad_token_id = self._encoder.pad_token_id
-
-    def encode(
-        self, texts: Sequence[str], pairs: Sequence[str] | None
-    ) -> dict[str, list[list[int]]]:
-        return self._encoder.encode(texts, pairs)
+        self._use_tokenizer(load_tokenizer(member, folder), member.max_length, self._inputs)
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         ids = inputs["input_ids"]

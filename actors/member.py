@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from actors.backends import TokenizedBackend
 from actors.loading import MemberSpec, load_hf_model, pick_device
 from actors.reducer import align_logits
 
@@ -42,7 +43,7 @@ class MemberBackend(Protocol):
         ...
 
 
-class HFBackend:
+class HFBackend(TokenizedBackend):
     """A transformers model: sequence classification logits, or mean-pooled embeddings."""
 
     def __init__(self, member: Any, task: str, device: str) -> None:
@@ -50,26 +51,18 @@ class HFBackend:
 
         import torch
 
-        from actors.backends import TokenEncoder
-
         self._torch = torch
         self.device = device
         self.task = task
         tokenizer, self.model = load_hf_model(member, task, device)
         # The model takes only the inputs its forward() names (e.g. no token_type_ids for RoBERTa).
         accepted = set(inspect.signature(self.model.forward).parameters)
-        self._encoder = TokenEncoder(
+        self._use_tokenizer(
             tokenizer,
             member.max_length,
             [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted],
         )
-        self._keys = self._encoder._keys
-        self.pad_token_id = self._encoder.pad_token_id
-
-    def encode(
-        self, texts: Sequence[str], pairs: Sequence[str] | None
-    ) -> dict[str, list[list[int]]]:
-        return self._encoder.encode(texts, pairs)
+        self._keys = self._encoder.keys
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
