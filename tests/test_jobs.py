@@ -329,3 +329,19 @@ def test_bad_invocations_fail_with_a_usage_error(head, submitted):
     no_output = head.client.get_job_logs(submitted.bad["no --output"][0])
     assert "usage: python -m jobs.score [-h]" in no_output, no_output
     assert not (submitted.tmp / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["score", "train", "fit", "evaluate"])
+def test_every_job_entry_point_is_its_cli_command(command, tmp_path):
+    """`python -m jobs.<command>` takes the command's arguments and exits 2 on misuse,
+    naming itself in the usage line."""
+    run = subprocess.run(
+        [sys.executable, "-m", f"jobs.{command}", str(tmp_path / "missing.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"usage: python -m jobs.{command} " in run.stderr
+    assert "--input" in run.stderr and "Traceback" not in run.stderr
