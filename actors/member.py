@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from actors.backends import TokenizedBackend
+from actors.backends import TOKEN_INPUTS, TokenizedBackend
 from actors.loading import MemberSpec, load_hf_model, pick_device
 from actors.reducer import align_logits
 
@@ -60,7 +60,7 @@ class HFBackend(TokenizedBackend):
         self._use_tokenizer(
             tokenizer,
             member.max_length,
-            [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted],
+            [k for k in TOKEN_INPUTS if k in accepted],
         )
         self._keys = self._encoder.keys
 

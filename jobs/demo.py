@@ -131,10 +131,11 @@ def run_demo(
     data = work / "data"
     split = {"seed": SPLIT_SEED, "eval_rows": eval_rows}
     marker = data / "split.json"
-    if (work / "models").is_dir() and marker.is_file() and json.loads(marker.read_text()) != split:
+    earlier = json.loads(marker.read_text()) if marker.is_file() else split
+    if (work / "models").is_dir() and earlier != split:
         # Reused members trained on another split would have seen today's test rows.
         raise ConfigError(
-            f"{work} holds members trained on a split with {json.loads(marker.read_text())}; "
+            f"{work} holds members trained on a split with {earlier}; "
             f"use a new --workdir for --eval-rows {eval_rows}"
         )
     sizes = prepare_splits(corpus, data, eval_rows=eval_rows)

@@ -209,19 +209,18 @@ class MemberConfig(_Strict):
             raise ValueError(
                 "module: backend torch needs the nn.Module class, e.g. module: my_models:TextCNN"
             )
-        misplaced = {
-            "module": self.module and self.backend != "torch",
-            "module_config": self.module_config is not None and self.backend != "torch",
-            "onnx_output": self.onnx_output and self.backend != "onnx",
-            "output_labels": self.output_labels is not None and self.backend == "hf",
+        # Keys that only some backends read, and which.
+        only_for = {
+            "module": ("torch",),
+            "module_config": ("torch",),
+            "onnx_output": ("onnx",),
+            "output_labels": ("torch", "onnx"),
         }
-        for key, wrong in misplaced.items():
-            if wrong:
-                needs = {"module": "torch", "module_config": "torch", "onnx_output": "onnx"}
-                which = needs.get(key, "torch or onnx")
+        for key, backends in only_for.items():
+            if getattr(self, key) is not None and self.backend not in backends:
                 raise ValueError(
-                    f"{key}: only for backend {which} (this member's backend is "
-                    f"{self.backend}); remove it or set backend: {which.split()[0]}"
+                    f"{key}: only for backend {' or '.join(backends)} (this member's backend "
+                    f"is {self.backend}); remove it or set backend: {backends[0]}"
                 )
         if self.train is not None and self.backend != "hf":
             raise ValueError(f"train: only Hugging Face members can be trained, not {self.backend}")
@@ -375,11 +374,15 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
-def resolve_model_path(model: str, base_dir: Path, *, file_ok: bool = False) -> str:
-    """A local directory (or, with ``file_ok``, a file) as an absolute path; a hub id
-    unchanged."""
-    candidate = (base_dir / Path(model).expanduser()).resolve()
-    if candidate.is_dir() or (file_ok and candidate.is_file()):
+def local_path(path: str, base_dir: Path) -> Path:
+    """``path`` as an absolute path, read relative to ``base_dir`` (the config's folder)."""
+    return (base_dir / Path(path).expanduser()).resolve()
+
+
+def resolve_model_path(model: str, base_dir: Path) -> str:
+    """A local directory as an absolute path; a hub id unchanged."""
+    candidate = local_path(model, base_dir)
+    if candidate.is_dir():
         return str(candidate)
     if _looks_like_path(model):
         raise FileNotFoundError(str(candidate))
@@ -462,14 +465,14 @@ def config_from_dict(
         try:
             if member.train is not None:
                 # The trainer writes here: always a local directory.
-                model = str((base_dir / Path(member.model).expanduser()).resolve())
+                model = str(local_path(member.model, base_dir))
                 if not for_training and not Path(model).is_dir():
                     raise FileNotFoundError(model)
             elif member.backend == "hf":
                 model = resolve_model_path(member.model, base_dir)
             else:
                 # torch and onnx members are local: there is no hub for them here.
-                model = str((base_dir / Path(member.model).expanduser()).resolve())
+                model = str(local_path(member.model, base_dir))
                 if not Path(model).exists():
                     raise FileNotFoundError(model)
         except FileNotFoundError as exc:
@@ -501,7 +504,7 @@ def config_from_dict(
         members.append(member.model_copy(update=update))
     reducer = cfg.reducer
     if reducer.stacking:
-        path = (base_dir / Path(reducer.stacking).expanduser()).resolve()
+        path = local_path(reducer.stacking, base_dir)
         if not path.is_file():
             raise ConfigError(
                 f"{source}: reducer.stacking: file {path} does not exist; run "

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.loading import MemberLoadError
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 
 __all__ = ["GpuNeed", "check_gpu_fit", "cluster_gpus", "estimate_gpu_need", "weight_bytes"]
@@ -73,8 +74,12 @@ def weight_bytes(member: MemberConfig, *, on_gpu: bool = True) -> int | None:
     id that is not downloaded)."""
     path = Path(member.model)
     if member.backend == "onnx":
-        files = [path] if path.is_file() else sorted(path.glob("*.onnx"))
-        return sum(f.stat().st_size for f in files) if files else None
+        from actors.backends import find_onnx_file
+
+        try:
+            return find_onnx_file(member.model).stat().st_size
+        except MemberLoadError:  # not one .onnx file: plan_ensemble has said so already
+            return None
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         bins = sorted(path.glob("*.bin")) if path.is_dir() else []
