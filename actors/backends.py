@@ -94,9 +94,13 @@ class TokenizedBackend:
     _encoder: TokenEncoder
     pad_token_id: int
 
-    def _use_tokenizer(self, tokenizer: Any, max_length: int, keys: Sequence[str]) -> None:
+    def _use_tokenizer(
+        self, tokenizer: Any, max_length: int, keys: Sequence[str], source: str
+    ) -> None:
         self._encoder = TokenEncoder(tokenizer, max_length, keys)
         self.pad_token_id = self._encoder.pad_token_id
+        # Backends whose keys are equal encode a text identically (see EnsembleHost).
+        self.tokenizer_key = (source, max_length, tuple(self._encoder.keys))
 
     def encode(
         self, texts: Sequence[str], pairs: Sequence[str] | None
@@ -243,7 +247,10 @@ class TorchModuleBackend(TokenizedBackend):
         self.model = build_module(member).to(device, resolve_dtype(member.dtype, device)).eval()
         self._keys = _forward_keys(self.model.forward)
         self._use_tokenizer(
-            load_tokenizer(member, Path(member.model)), member.max_length, self._keys
+            load_tokenizer(member, Path(member.model)),
+            member.max_length,
+            self._keys,
+            member.tokenizer or member.model,
         )
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -327,7 +334,12 @@ class OnnxBackend(TokenizedBackend):
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._output = member.onnx_output or self.session.get_outputs()[0].name
         folder = find_onnx_file(member.model).parent
-        self._use_tokenizer(load_tokenizer(member, folder), member.max_length, self._inputs)
+        self._use_tokenizer(
+            load_tokenizer(member, folder),
+            member.max_length,
+            self._inputs,
+            member.tokenizer or str(folder),
+        )
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         ids = inputs["input_ids"]

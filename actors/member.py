@@ -7,7 +7,7 @@ Example::
 
     host = MemberHost(member=cfg.members[0], spec=spec, task="classification",
                       num_labels=2, text_column="text")
-    out = host(pyarrow_table)          # adds the column host.output_column
+    logits = host.infer(["a fine film", "a dull plot"])   # (2, num_labels), aligned
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow as pa
 
 from actors.backends import TOKEN_INPUTS, TokenizedBackend
 from actors.loading import MemberSpec, load_hf_model, pick_device
@@ -61,6 +60,7 @@ class HFBackend(TokenizedBackend):
             tokenizer,
             member.max_length,
             [k for k in TOKEN_INPUTS if k in accepted],
+            member.model,
         )
         self._keys = self._encoder.keys
 
@@ -122,10 +122,8 @@ def pad_batch(
 
 
 class MemberHost:
-    """Runs one member over batches: tokenise, sort by length, micro-batch, forward, align.
-
-    Rows whose ``error`` column is set (bad input) are skipped and get a row of NaN.
-    """
+    """Runs one member over lists of texts: tokenise, sort by length, micro-batch,
+    forward, align. :class:`actors.host.EnsembleHost` runs several over table windows."""
 
     def __init__(
         self,
@@ -155,16 +153,31 @@ class MemberHost:
         self.real_tokens = 0
         self.padded_tokens = 0
 
+    @property
+    def tokenizer_key(self) -> object:
+        """Members with equal keys tokenise a text the same way: a host tokenises once for them."""
+        return getattr(self.backend, "tokenizer_key", None) or id(self.backend)
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None
+    ) -> dict[str, list[list[int]]]:
+        return self.backend.encode(texts, pairs)
+
     def infer(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
         """Outputs for a list of valid texts, in their order: aligned logits ``(n, L)`` or
         raw embeddings ``(n, d)``, float32."""
-        n = len(texts)
+        if not texts:
+            return self.run_encoded({"input_ids": []})
+        return self.run_encoded(self.encode(texts, pairs))
+
+    def run_encoded(self, encoded: dict[str, list[list[int]]]) -> np.ndarray:
+        """Sort by length, micro-batch, forward and align rows already tokenised."""
+        n = len(encoded["input_ids"])
         if n == 0:
             width = (
                 self.num_labels if self.task == "classification" else (self.spec.hidden_size or 0)
             )
             return np.zeros((0, width), dtype=np.float32)
-        encoded = self.backend.encode(texts, pairs)
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
         # Sorting by length keeps rows of one micro-batch alike, so padding stays small.
         order = np.argsort(lengths, kind="stable")
@@ -183,21 +196,6 @@ class MemberHost:
         return align_logits(
             raw, self.spec.label_index, self.num_labels, single_logit=self.spec.single_logit
         ).astype(np.float32)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(valid)
-        texts = batch.column(self.text_column).take(rows).to_pylist()
-        pairs = None
-        if self.text_pair_column:
-            pairs = batch.column(self.text_pair_column).take(rows).to_pylist()
-        values = self.infer(texts, pairs)
-        width = values.shape[1]
-        full = np.full((n, width), np.nan, dtype=np.float32)
-        full[rows] = values
-        column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
-        return batch.append_column(self.output_column, column)
 
     @property
     def padding_efficiency(self) -> float:

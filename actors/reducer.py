@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "CLASSIFICATION_COMBINE",
+    "COMBINERS",
+    "EMBEDDING_COMBINE",
+    "FITTED_COMBINE",
     "AlignmentError",
     "Reduced",
     "agreement",
@@ -150,6 +154,60 @@ def _renormalise(p: np.ndarray) -> np.ndarray:
         return p / total
 
 
+def _weighted_mean(probs: np.ndarray, weights: np.ndarray, multi_label: bool) -> np.ndarray:
+    w, w_sum = _per_class_weights(probs, weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.nansum(w * np.nan_to_num(probs), axis=0) / w_sum
+    return p if multi_label else _renormalise(p)
+
+
+def _mean(probs: np.ndarray, weights: np.ndarray, multi_label: bool) -> np.ndarray:
+    return _weighted_mean(probs, np.ones_like(weights), multi_label)
+
+
+def _geometric_mean(probs: np.ndarray, weights: np.ndarray, multi_label: bool) -> np.ndarray:
+    w, w_sum = _per_class_weights(probs, weights)
+    logp = np.log(np.clip(np.nan_to_num(probs), _TINY, 1.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (w * logp).sum(axis=0) / w_sum
+        if multi_label:
+            log1mp = np.log(np.clip(1.0 - np.nan_to_num(probs), _TINY, 1.0))
+            b = (w * log1mp).sum(axis=0) / w_sum
+            return 1.0 / (1.0 + np.exp(b - a))
+        a = a - np.nanmax(np.where(np.isnan(a), -np.inf, a), axis=-1, keepdims=True)
+        return _renormalise(np.where(np.isnan(a), 0.0, np.exp(a)))
+
+
+def _most_confident(probs: np.ndarray, weights: np.ndarray, multi_label: bool) -> np.ndarray:
+    if multi_label:
+        conf = np.where(np.isnan(probs), -np.inf, np.abs(probs - 0.5))
+        pick = np.argmax(conf, axis=0)  # (n, L)
+        return np.take_along_axis(probs, pick[None], axis=0)[0]
+    conf = np.where(np.isnan(probs), -np.inf, probs).max(axis=-1)  # (M, n)
+    pick = np.argmax(conf, axis=0)  # (n,)
+    chosen = probs[pick, np.arange(probs.shape[1])]
+    # The chosen member spread all its mass over the labels it has.
+    return np.nan_to_num(chosen, nan=0.0)
+
+
+# The one place the combinations are named: a new one is a function and an entry here.
+# ``stacking`` is a meta-model fitted by `ray-ensemble fit` (see ensemble_distribution).
+COMBINERS = {
+    "mean": _mean,
+    "weighted_mean": _weighted_mean,
+    "geometric_mean": _geometric_mean,
+    # The vote picks the label (vote_labels); its distribution is the weighted mean.
+    "majority_vote": _weighted_mean,
+    "max": _most_confident,
+}
+CLASSIFICATION_COMBINE = (*COMBINERS, "stacking")
+EMBEDDING_COMBINE = ("concat", "mean")
+# What `ray-ensemble fit` can fit after the temperatures.
+FITTED_COMBINE = ("weighted_mean", "geometric_mean", "stacking")
+# Combinations that ignore the members' weights.
+UNWEIGHTED_COMBINE = ("mean", "max")
+
+
 def combine(
     probs: np.ndarray, weights: np.ndarray, method: str, *, multi_label: bool
 ) -> np.ndarray:
@@ -167,37 +225,12 @@ def combine(
     - ``max``: the distribution of the most confident member per row (per class,
       the member farthest from 0.5, for multi-label).
     """
-    probs = np.asarray(probs, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    if method == "mean":
-        weights = np.ones_like(weights)
-    if method in ("mean", "weighted_mean", "majority_vote"):
-        w, w_sum = _per_class_weights(probs, weights)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = np.nansum(w * np.nan_to_num(probs), axis=0) / w_sum
-        return p if multi_label else _renormalise(p)
-    if method == "geometric_mean":
-        w, w_sum = _per_class_weights(probs, weights)
-        logp = np.log(np.clip(np.nan_to_num(probs), _TINY, 1.0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            a = (w * logp).sum(axis=0) / w_sum
-            if multi_label:
-                log1mp = np.log(np.clip(1.0 - np.nan_to_num(probs), _TINY, 1.0))
-                b = (w * log1mp).sum(axis=0) / w_sum
-                return 1.0 / (1.0 + np.exp(b - a))
-            a = a - np.nanmax(np.where(np.isnan(a), -np.inf, a), axis=-1, keepdims=True)
-            return _renormalise(np.where(np.isnan(a), 0.0, np.exp(a)))
-    if method == "max":
-        if multi_label:
-            conf = np.where(np.isnan(probs), -np.inf, np.abs(probs - 0.5))
-            pick = np.argmax(conf, axis=0)  # (n, L)
-            return np.take_along_axis(probs, pick[None], axis=0)[0]
-        conf = np.where(np.isnan(probs), -np.inf, probs).max(axis=-1)  # (M, n)
-        pick = np.argmax(conf, axis=0)  # (n,)
-        chosen = probs[pick, np.arange(probs.shape[1])]
-        # The chosen member spread all its mass over the labels it has.
-        return np.nan_to_num(chosen, nan=0.0)
-    raise ValueError(f"unknown combine method '{method}'")
+    fn = COMBINERS.get(method)
+    if fn is None:
+        raise ValueError(f"unknown combine method '{method}'")
+    return fn(
+        np.asarray(probs, dtype=np.float64), np.asarray(weights, dtype=np.float64), multi_label
+    )
 
 
 # Stacking features floor: a probability of 0 (or a label the member lacks) reads as this.

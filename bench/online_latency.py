@@ -110,8 +110,8 @@ def direct_p50(plan, texts: list[str], calls: int, threads: int) -> float:
     import pyarrow as pa
     import torch
 
+    from actors.host import reduce_batch
     from actors.member import MemberHost, member_output_column
-    from pipelines.offline import reduce_batch
 
     hosts = [
         MemberHost(
@@ -158,8 +158,8 @@ def main() -> None:
 
     from jobs.example import build_classifier, make_texts
     from pipelines.config import config_from_dict
-    from pipelines.offline import plan_ensemble
     from pipelines.online import build_app
+    from pipelines.plan import plan_ensemble
 
     work = Path(args.workdir) / args.model
     if args.model == "minilm":

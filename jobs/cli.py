@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from actors.reducer import FITTED_COMBINE
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+logger = logging.getLogger("ray_ensemble")
+
+
+def _setup_logging() -> None:
+    """Our packages log to stderr, one plain line per message; Ray Data's own INFO chatter
+    (start banners, "execution finished") stays out of job logs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("ray_ensemble", "pipelines", "actors", "jobs"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        if not log.handlers:
+            log.addHandler(handler)
+        log.propagate = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="a .parquet/.csv/.jsonl file or a directory of them"
     )
     score.add_argument("--output", required=True, help="directory for the scored Parquet files")
+    mode = score.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what the output folder holds, once the new output is complete",
+    )
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted job in the output folder: committed rows are not "
+        "scored again",
+    )
     score.add_argument(
-        "--overwrite", action="store_true", help="replace the output directory if it is not empty"
+        "--rows-per-file",
+        type=int,
+        default=None,
+        help="rows per output Parquet file, also the unit a job commits (default 20000)",
     )
     _add_ray_arguments(score)
     serve_cmd = sub.add_parser(
@@ -113,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--combine",
         default="weighted_mean",
-        choices=("weighted_mean", "geometric_mean", "stacking"),
+        choices=FITTED_COMBINE,
         help="what to fit after the temperatures (default weighted_mean)",
     )
     _add_ray_arguments(fit)
@@ -150,7 +184,7 @@ def in_ray_job() -> bool:
 
 
 def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = False) -> bool:
-    """Join ``address`` or start a local instance; True when we started Ray here.
+    """Join ``address`` or start a local instance; True when this command started Ray.
 
     ``dashboard``: Ray Train watches its controller through the state API, which the
     dashboard serves; without it, it warns every few seconds.
@@ -171,8 +205,13 @@ def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = F
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
-    print(f"ray: ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    logger.info("ray: ready in %.1fs", time.perf_counter() - started)
     return True
+
+
+def _local(address: str | None) -> bool:
+    """Whether the command runs on a Ray it starts itself, which never grows GPUs."""
+    return not address and not in_ray_job()
 
 
 @contextlib.contextmanager
@@ -190,21 +229,36 @@ def _ray(address: str | None, num_cpus: int | None, *, dashboard: bool = False) 
 
 def _score(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.offline import check_input, plan_ensemble, prepare_output, score
+    from pipelines.io import InputError
+    from pipelines.offline import ROWS_PER_FILE, prepare_job, run_job
+    from pipelines.plan import plan_ensemble
 
+    if args.rows_per_file is not None and args.rows_per_file < 1:
+        raise InputError(f"--rows-per-file: {args.rows_per_file} is not a positive number")
     # Everything a user can get wrong is checked before Ray starts.
     plan = plan_ensemble(load_config(args.config))
-    check_input(plan, args.input)
-    prepare_output(args.output, overwrite=args.overwrite)  # fails early on a non-empty dir
+    job = prepare_job(plan, args.input, args.output, overwrite=args.overwrite, resume=args.resume)
     with _ray(args.address, args.num_cpus):
         started = time.perf_counter()
-        summary = score(plan, args.input, args.output, overwrite=args.overwrite)
+        summary = run_job(
+            job,
+            cpu_fallback=_local(args.address),
+            rows_per_file=args.rows_per_file or ROWS_PER_FILE,
+        )
         took = time.perf_counter() - started
-    rate = summary.rows / took if took > 0 else 0.0
-    print(
-        f"scored {summary.rows} rows ({summary.scored} ok, {summary.errors} with an error) "
-        f"in {took:.1f}s ({rate:.0f} rows/s) -> {summary.output} ({summary.files} files)",
-        file=sys.stderr,
+    new = summary.rows - summary.resumed
+    rate = new / took if took > 0 else 0.0
+    resumed = f"; {summary.resumed} were committed before" if summary.resumed else ""
+    logger.info(
+        "scored %d rows (%d ok, %d with an error) in %.1fs (%.0f rows/s%s) -> %s (%d files, _SUCCESS)",
+        summary.rows,
+        summary.scored,
+        summary.errors,
+        took,
+        rate,
+        resumed,
+        summary.output,
+        summary.files,
     )
     return EXIT_OK
 
@@ -214,7 +268,7 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from pipelines.config import load_config
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
 
     plan = plan_ensemble(load_config(args.config))
     if not 0 < args.port < 65536:
@@ -236,16 +290,21 @@ def _serve(args: argparse.Namespace) -> int:
                     "request_timeout_s": plan.config.serve.request_timeout_s + 5,
                 }
             )
-            serve.run(build_app(plan), name=plan.config.name, route_prefix="/")
-            print(
-                f"serving '{plan.config.name}' on http://{args.host}:{args.port} (POST "
-                "/v1/predict, GET /healthz, GET /v1/ensemble, docs at /docs); Ctrl-C to stop",
-                file=sys.stderr,
-                flush=True,
+            serve.run(
+                build_app(plan, cpu_fallback=_local(args.address)),
+                name=plan.config.name,
+                route_prefix="/",
+            )
+            logger.info(
+                "serving '%s' on http://%s:%d (POST /v1/predict, GET /healthz, GET "
+                "/v1/ensemble, docs at /docs); Ctrl-C to stop",
+                plan.config.name,
+                args.host,
+                args.port,
             )
             while not stop.wait(0.5):
                 pass
-            print("ray-ensemble: shutting down", file=sys.stderr, flush=True)
+            logger.info("shutting down")
         finally:
             serve.shutdown()
     return EXIT_OK
@@ -289,9 +348,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, for_training=True)
     data = read_train_set(cfg, args.input, args.label_column)
-    print(
-        f"train: {len(data.texts)} labelled rows ({data.skipped} skipped: no label or no text)",
-        file=sys.stderr,
+    logger.info(
+        "train: %d labelled rows (%d skipped: no label or no text)", len(data.texts), data.skipped
     )
     with (
         _ray(args.address, args.num_cpus, dashboard=True),
@@ -315,27 +373,27 @@ def _fit(args: argparse.Namespace) -> int:
         fit_ensemble,
         write_fitted_config,
     )
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
 
     cfg = load_config(args.config)
     plan = plan_ensemble(cfg)
     check_labelled_input(plan, args.input, args.label_column, "fit")
     with _ray(args.address, args.num_cpus):
-        data = collect_member_outputs(plan, args.input, args.label_column)
+        data = collect_member_outputs(
+            plan, args.input, args.label_column, cpu_fallback=_local(args.address)
+        )
     result = fit_ensemble(plan, data, args.combine)
     out = write_fitted_config(args.config, args.output, cfg, result)
-    print(
-        f"fit: {result.rows} rows ({data.skipped} skipped); NLL before -> after:", file=sys.stderr
-    )
+    lines = [f"fit: {result.rows} rows ({data.skipped} skipped); NLL before -> after:"]
     for i, (name, (a, b)) in enumerate(result.member_nll.items()):
-        print(
+        lines.append(
             f"  {name:<16} {a:.4f} -> {b:.4f}  (temperature {result.temperatures[i]:.3f}, "
-            f"weight {result.weights[i]:.3f})",
-            file=sys.stderr,
+            f"weight {result.weights[i]:.3f})"
         )
     a, b = result.ensemble_nll
-    print(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})", file=sys.stderr)
-    print(f"fit: wrote {out}", file=sys.stderr)
+    lines.append(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})")
+    lines.append(f"fit: wrote {out}")
+    logger.info("\n".join(lines))
     return EXIT_OK
 
 
@@ -343,14 +401,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
     from pipelines.fitting import check_labelled_input
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
 
     plan = plan_ensemble(load_config(args.config))
     check_labelled_input(plan, args.input, args.label_column, "evaluate")
     with _ray(args.address, args.num_cpus):
-        metrics = evaluate(plan, args.input, args.label_column, args.report)
-    print(render_report(metrics))
-    print(f"evaluate: {metrics['rows']} rows; report in {args.report}/report.md", file=sys.stderr)
+        metrics = evaluate(
+            plan, args.input, args.label_column, args.report, cpu_fallback=_local(args.address)
+        )
+    print(render_report(metrics))  # the report is the command's output, on stdout
+    logger.info("evaluate: %d rows; report in %s/report.md", metrics["rows"], args.report)
     return EXIT_OK
 
 
@@ -370,8 +430,10 @@ def main(
 ) -> int:
     from pipelines.config import ConfigError
     from pipelines.io import InputError
+    from pipelines.output import CommitError
 
     args = (parser or build_parser()).parse_args(argv)
+    _setup_logging()
     try:
         if args.command == "score":
             return _score(args)
@@ -390,6 +452,9 @@ def main(
     except (ConfigError, InputError) as exc:
         print(f"ray-ensemble: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CommitError as exc:
+        print(f"ray-ensemble: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("ray-ensemble: interrupted", file=sys.stderr)
         return 130

@@ -17,8 +17,8 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import logging
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["find_base_model", "find_rotten_tomatoes", "prepare_splits", "run_demo"]
 
@@ -118,14 +120,14 @@ def run_demo(
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
     from pipelines.fitting import collect_member_outputs, fit_ensemble, write_fitted_config
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
     from pipelines.training import read_train_set, train_members
 
     began = time.perf_counter()
     work = Path(workdir).resolve()
 
     def step(message: str) -> None:
-        print(f"[demo {time.perf_counter() - began:5.0f}s] {message}", file=sys.stderr, flush=True)
+        logger.info("[demo %5.0fs] %s", time.perf_counter() - began, message)
 
     corpus, base = find_rotten_tomatoes(), find_base_model()
     data = work / "data"

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from actors.reducer import CLASSIFICATION_COMBINE, EMBEDDING_COMBINE
+
 __all__ = [
     "COMBINE_METHODS",
     "ConfigError",
@@ -32,16 +34,7 @@ __all__ = [
     "load_config",
 ]
 
-CLASSIFICATION_COMBINE = (
-    "mean",
-    "weighted_mean",
-    "geometric_mean",
-    "majority_vote",
-    "max",
-    "stacking",
-)
-EMBEDDING_COMBINE = ("concat", "mean")
-COMBINE_METHODS = CLASSIFICATION_COMBINE + ("concat",)
+COMBINE_METHODS = tuple(dict.fromkeys(CLASSIFICATION_COMBINE + EMBEDDING_COMBINE))
 
 # Columns the scorer writes; an input column with one of these names would be overwritten.
 OUTPUT_COLUMNS = ("label", "score", "probs", "agreement", "entropy", "error", "embedding")
@@ -81,6 +74,12 @@ class InputConfig(_Strict):
         min_length=1,
         description="Passed through; when absent from the input, stable unique ids are made "
         "as '<file>:<row>'.",
+    )
+    max_chars: int = Field(
+        100_000,
+        ge=1,
+        description="Text is cut to this many characters before tokenising (tokens past "
+        "max_length are dropped anyway), so one giant row cannot blow up a member's memory.",
     )
 
 
@@ -152,6 +151,11 @@ class MemberConfig(_Strict):
     )
     replicas: int | Replicas = Field(
         1, description="Actor replicas: a number, or {min, max} to autoscale."
+    )
+    own_host: bool = Field(
+        False,
+        description="Run this member in an ensemble host of its own instead of sharing one "
+        "with the other members on its device (a member with whole GPUs always has its own).",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16/float16 on a GPU that supports it, float32 on CPU."
@@ -243,14 +247,21 @@ class MemberConfig(_Strict):
 class ReducerConfig(_Strict):
     """How the members' outputs are combined."""
 
-    combine: Literal[
-        "mean", "weighted_mean", "geometric_mean", "majority_vote", "max", "stacking", "concat"
-    ] = Field(
+    combine: str = Field(
         None,  # type: ignore[assignment]  # filled per task below
-        description="classification: mean | weighted_mean | geometric_mean | majority_vote | max; "
-        "embedding: concat | mean. Default: weighted_mean (classification), mean (embedding).",
+        description=f"classification: {' | '.join(CLASSIFICATION_COMBINE)}; embedding: "
+        f"{' | '.join(EMBEDDING_COMBINE)}. Default: weighted_mean (classification), mean "
+        "(embedding).",
     )
     output_members: bool = Field(True, description="Also write each member's distribution.")
+
+    @field_validator("combine")
+    @classmethod
+    def _known_combine(cls, value: str) -> str:
+        if value not in COMBINE_METHODS:
+            raise ValueError(f"'{value}' is not a combination; use one of {list(COMBINE_METHODS)}")
+        return value
+
     stacking: str | None = Field(
         None,
         description="The meta-model of `combine: stacking`, a JSON file written by "

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.fitting import check_single_label, label_indices, nll
-from pipelines.offline import EnsemblePlan, score
+from pipelines.offline import score
+from pipelines.plan import EnsemblePlan
 
 __all__ = ["brier", "classification_metrics", "ece", "evaluate", "render_report"]
 
@@ -136,7 +137,12 @@ def render_report(metrics: dict) -> str:
 
 
 def evaluate(
-    plan: EnsemblePlan, input_path: str | Path, label_column: str, report_dir: str | Path
+    plan: EnsemblePlan,
+    input_path: str | Path,
+    label_column: str,
+    report_dir: str | Path,
+    *,
+    cpu_fallback: bool = True,
 ) -> dict:
     """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, report.md
     and the plots there. Ray must be running. Returns the metrics."""
@@ -151,7 +157,12 @@ def evaluate(
         )
         plan = EnsemblePlan(cfg, plan.specs, plan.multi_label, plan.stacking)
     summary = score(
-        plan, input_path, report / "scored", overwrite=True, rename={label_column: TRUTH_COLUMN}
+        plan,
+        input_path,
+        report / "scored",
+        overwrite=True,
+        rename={label_column: TRUTH_COLUMN},
+        cpu_fallback=cpu_fallback,
     )
     names = [m.name for m in cfg.members]
     table = pq.read_table(

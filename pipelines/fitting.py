@@ -21,21 +21,29 @@ import numpy as np
 import yaml
 from scipy.optimize import minimize, minimize_scalar
 
+from actors.host import member_outputs
 from actors.member import member_output_column
-from actors.reducer import combine, ensemble_distribution, normalise, stacking_features
-from pipelines.config import ConfigError, EnsembleConfig, load_config
-from pipelines.io import InputError, list_input_files, peek_columns, read_column, require_column
-from pipelines.offline import (
-    EnsemblePlan,
-    check_input,
-    member_outputs,
-    member_stages,
-    read_windows,
+from actors.reducer import (
+    FITTED_COMBINE,
+    combine,
+    ensemble_distribution,
+    normalise,
+    stacking_features,
 )
+from pipelines.config import ConfigError, EnsembleConfig, load_config
+from pipelines.io import (
+    InputError,
+    check_input,
+    list_input_files,
+    peek_columns,
+    read_column,
+    require_column,
+)
+from pipelines.plan import EnsemblePlan
 from pipelines.stacking import StackingModel
 
 __all__ = [
-    "FIT_COMBINE",
+    "FITTED_COMBINE",
     "FitResult",
     "LabelledOutputs",
     "check_labelled_input",
@@ -47,7 +55,6 @@ __all__ = [
     "write_fitted_config",
 ]
 
-FIT_COMBINE = ("weighted_mean", "geometric_mean", "stacking")
 # Probabilities are floored here in the NLL, so one confident mistake cannot make it inf.
 NLL_FLOOR = 1e-12
 
@@ -95,7 +102,7 @@ def check_labelled_input(
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
     require_column(files[0], fmt, columns, label_column, "--label-column")
-    check_input(plan, input_path, allow=(label_column,))
+    check_input(plan.config, input_path, allow=(label_column,))
     y = label_indices(read_column(files, fmt, label_column), plan.config.labels, label_column)
     if not (y >= 0).any():
         raise InputError(f"--label-column {label_column}: no row has a label")
@@ -113,22 +120,28 @@ class LabelledOutputs:
 
 
 def collect_member_outputs(
-    plan: EnsemblePlan, input_path: str | Path, label_column: str
+    plan: EnsemblePlan, input_path: str | Path, label_column: str, *, cpu_fallback: bool = True
 ) -> LabelledOutputs:
     """Run the members over a labelled set (Ray must be running) and gather their logits."""
+    from pipelines.offline import build_dataset, job_data_context
+    from pipelines.plan import hosts_on_cluster
+
     check_single_label(plan, "fit")
     cfg = plan.config
     names = [m.name for m in cfg.members]
-    ds = member_stages(plan, read_windows(plan, input_path, allow=(label_column,)))
+    inputs = check_input(cfg, input_path, allow=(label_column,))
+    hosts = hosts_on_cluster(cfg, cpu_fallback=cpu_fallback)
     keep = [label_column, "error", *(member_output_column(n) for n in names)]
     ys: list = []
     outs: list[list[np.ndarray]] = [[] for _ in names]
     errors: list = []
-    for batch in ds.select_columns(keep).iter_batches(batch_format="pyarrow", batch_size=None):
-        ys.extend(batch.column(label_column).to_pylist())
-        errors.extend(batch.column("error").to_pylist())
-        for i, out in enumerate(member_outputs(batch, names)):
-            outs[i].append(out)
+    with job_data_context():
+        ds = build_dataset(plan, inputs, hosts=hosts, reduce=False).select_columns(keep)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            ys.extend(batch.column(label_column).to_pylist())
+            errors.extend(batch.column("error").to_pylist())
+            for i, out in enumerate(member_outputs(batch, names)):
+                outs[i].append(out)
     y = label_indices(ys, cfg.labels, label_column)
     ok = (y >= 0) & np.array([e is None for e in errors], dtype=bool)
     width = cfg.num_labels
@@ -218,8 +231,8 @@ def _ensemble_nll(
 def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitResult:
     """Temperatures, then weights or the stacking model, on ``data``."""
     cfg = plan.config
-    if method not in FIT_COMBINE:
-        raise ConfigError(f"--combine: {method!r} is not one of {list(FIT_COMBINE)}")
+    if method not in FITTED_COMBINE:
+        raise ConfigError(f"--combine: {method!r} is not one of {list(FITTED_COMBINE)}")
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y

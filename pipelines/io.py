@@ -3,14 +3,19 @@
 A Ray Data datasource of our own, rather than ``read_parquet`` / ``read_json``, because:
 - each row needs a stable id (``<file>:<row>``) when the input has none, and only the
   reader knows a row's position in its file;
-- a JSONL row whose text is a number or an object must not fail the read (Arrow's
-  JSON reader rejects a column that changes type), it becomes a row with an error;
-- CSV values are read as text, so ids such as ``007`` keep their zeros.
+- a record that can be read as a row but not as text (a number where text belongs, a
+  lone surrogate, bytes that are not UTF-8, a line nested too deeply, a ragged CSV row)
+  must become a row with an ``error``, never fail the read or vanish;
+- CSV values are read as text, so ids such as ``007`` keep their zeros;
+- a resumed job skips the rows an earlier run already committed.
 
-Each file is one read task that yields blocks of ``block_rows`` rows, so memory stays
-flat however large the files are. Each block is sorted by text length before it leaves
-the reader (``__pos`` records the input order); Ray Data then cuts it into small blocks
-("windows"), so each window holds texts of a like length.
+Each file is one read task that yields blocks of ``block_rows`` rows in input order, so
+memory stays flat however large the files are. Every block carries two helper columns,
+the file it came from and each row's number in it (``__file``, ``__row``): the commit
+step records them per output file, which is how rows are counted and a job resumed.
+
+Bytes that are not UTF-8 are an error for the row they are in (a text column) and are
+shown as U+FFFD in any other column, which keeps the row.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,15 +37,24 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+if TYPE_CHECKING:
+    from pipelines.config import EnsembleConfig
+
 __all__ = [
-    "BLOCK_COLUMN",
-    "BLOCK_ROWS_COLUMN",
+    "FILE_COLUMN",
     "FORMATS",
-    "POSITION_COLUMN",
-    "READ_ERROR_COLUMN",
+    "ROW_COLUMN",
     "InputDatasource",
+    "InputError",
+    "InputFiles",
+    "check_input",
+    "iter_blocks",
     "list_input_files",
     "peek_columns",
+    "read_column",
+    "require_column",
+    "validate_rows",
+    "write_json",
 ]
 
 FORMATS = {
@@ -48,15 +66,34 @@ FORMATS = {
     ".ndjson": "jsonl",
 }
 READ_ERROR_COLUMN = "__read_error"
-# Where each row was read: its block (unique across files), its place in the block, and
-# the block's size. Later stages reorder rows inside a block; the reducer puts them back.
-BLOCK_COLUMN = "__block"
-POSITION_COLUMN = "__pos"
-BLOCK_ROWS_COLUMN = "__block_rows"
+# Where each row was read: the input file (its index in InputFiles.files) and the row's
+# number in that file. The commit step records them and drops them.
+FILE_COLUMN = "__file"
+ROW_COLUMN = "__row"
+HELPER_COLUMNS = (FILE_COLUMN, ROW_COLUMN)
+BLOCK_ROWS = 4096
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A text field may be as long as a row can be; `input.max_chars` cuts it later.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class InputError(ValueError):
     """The input path cannot be read as asked: a usage error."""
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files of one ``--input``, their format and the folder their ids are relative to."""
+
+    files: tuple[Path, ...]
+    fmt: str
+    root: Path
+    names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(p.relative_to(self.root).as_posix() for p in self.files)
+        object.__setattr__(self, "names", names)
 
 
 def list_input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str, Path]:
@@ -103,29 +140,105 @@ def require_column(
 
 
 def peek_columns(path: Path, fmt: str) -> list[str]:
-    """Column names from the start of a file, for checks before any Ray work."""
+    """Column names from the start of a file, for checks before any Ray work.
+
+    Raises OSError or pyarrow's errors for a file that cannot be read at all.
+    """
     if fmt == "parquet":
-        return list(pq.read_schema(path).names)
+        return list(pq.ParquetFile(path).schema_arrow.names)
     if fmt == "csv":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             return next(csv.reader(f), [])
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
                 try:
-                    row = json.loads(line)
-                except ValueError:
+                    row = json.loads(raw.decode("utf-8", errors="replace"))
+                except (ValueError, RecursionError):
                     return []
                 return list(row) if isinstance(row, dict) else []
     return []
 
 
-def _column(values: list) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        # Mixed types in one column: keep every value, as its JSON text.
-        return pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+def check_input(
+    cfg: EnsembleConfig, input_path: str | Path, *, allow: tuple[str, ...] = ()
+) -> InputFiles:
+    """The input files, after checks that need no Ray: raises InputError (a usage error).
+
+    Every file is opened, not only the first: one that cannot be read at all (a corrupt
+    Parquet footer, no permission) fails here, before any scoring, with all such files
+    named. ``allow``: columns that may share an output column's name (they are renamed
+    or never reach the output).
+    """
+    from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS
+
+    files, fmt, root = list_input_files(input_path)
+    unreadable: list[str] = []
+    columns_of: dict[Path, list[str]] = {}
+    for path in files:
+        try:
+            columns_of[path] = peek_columns(path, fmt)
+        except Exception as exc:  # pyarrow and the OS raise many kinds for a broken file
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            unreadable.append(f"{path.relative_to(root).as_posix()} ({detail})")
+    if unreadable:
+        raise InputError(
+            f"--input: {len(unreadable)} file(s) cannot be read: {'; '.join(unreadable)}; "
+            "fix or remove them (nothing was scored)"
+        )
+    text = cfg.input.text_column
+    produced = set(cfg.output_columns())
+    for path, columns in columns_of.items():
+        require_column(path, fmt, columns, text, "--input", "; set input.text_column in the config")
+        clash = [
+            c
+            for c in columns
+            if c not in allow
+            and (c in produced or c in OUTPUT_COLUMNS or c.startswith(MEMBER_OUTPUT_PREFIXES))
+        ]
+        if clash:
+            raise InputError(
+                f"--input: column(s) {clash} of {path.name} have the names of output columns; "
+                "rename or drop them (scoring an already scored file?)"
+            )
+    return InputFiles(tuple(files), fmt, root)
+
+
+def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | None) -> pa.Table:
+    """Add the ``error`` column: why a row cannot be scored, or null. No row is dropped."""
+    n = batch.num_rows
+    errors: list[str | None] = (
+        batch.column(READ_ERROR_COLUMN).to_pylist()
+        if READ_ERROR_COLUMN in batch.column_names
+        else [None] * n
+    )
+    for col in filter(None, (text_column, text_pair_column)):
+        if col not in batch.column_names:
+            values: list = [None] * n
+            kind = None
+        else:
+            column = batch.column(col)
+            kind = column.type
+            if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+                column, kind = column.cast(pa.string()), pa.string()
+            values = column.to_pylist()
+        for i, value in enumerate(values):
+            if errors[i] is not None:
+                continue
+            if value is None:
+                errors[i] = (
+                    f"'{col}' is missing" if col not in batch.column_names else f"'{col}' is null"
+                )
+            elif not isinstance(value, str):
+                errors[i] = f"'{col}' is {kind}, expected a string"
+            elif not value.strip():
+                errors[i] = f"'{col}' is empty"
+    if READ_ERROR_COLUMN in batch.column_names:
+        batch = batch.drop_columns([READ_ERROR_COLUMN])
+    return batch.append_column("error", pa.array(errors, type=pa.string()))
+
+
+# --- records that are rows but not text ----------------------------------------------------
 
 
 def _describe(value: object) -> str:
@@ -139,29 +252,103 @@ def _describe(value: object) -> str:
     return kind.get(type(value), type(value).__name__)
 
 
-def _jsonl_block(lines: list[str], text_columns: list[str]) -> pa.Table:
-    rows: list[dict] = []
-    errors: list[str | None] = []
-    for line in lines:
+def _bad_unicode(value: str) -> str | None:
+    """Why ``value`` is not valid Unicode text, or None.
+
+    Lone surrogates come from a JSON escape such as ``"\\ud800"`` or, through the
+    ``surrogateescape`` decoding the readers use, from bytes that are not UTF-8.
+    """
+    match = _SURROGATE.search(value)
+    if match is None:
+        return None
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {match.start()})"
+    return f"holds a lone surrogate (\\u{code:04x} at character {match.start()}), which is not valid Unicode"
+
+
+def _clean(value: str) -> str:
+    return _SURROGATE.sub("\ufffd", value)
+
+
+def _cell(value: object) -> object:
+    """A value Arrow can hold: strings with surrogates replaced, deep values as JSON text."""
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, (list, dict)):
         try:
-            row = json.loads(line)
-        except ValueError as exc:
-            rows.append({})
-            errors.append(f"line is not valid JSON ({exc.msg} at column {exc.colno})")
+            # ensure_ascii escapes surrogates, so the text is valid UTF-8.
+            return json.loads(_clean(json.dumps(value)))
+        except (RecursionError, ValueError):
+            return "<value nested too deeply to keep>"
+    return value
+
+
+def _column(values: list) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (
+        pa.ArrowInvalid,
+        pa.ArrowTypeError,
+        pa.ArrowNotImplementedError,
+        OverflowError,
+        RecursionError,
+        UnicodeError,
+    ):
+        # Mixed types in one column, or values Arrow cannot nest: keep each as JSON text.
+        out: list[str | None] = []
+        for v in values:
+            try:
+                out.append(None if v is None else v if isinstance(v, str) else json.dumps(v))
+            except (RecursionError, ValueError, TypeError):
+                out.append("<value nested too deeply to keep>")
+        return pa.array(out, type=pa.string())
+
+
+def _text_errors(row: dict, text_columns: list[str]) -> str | None:
+    """Check and clean a parsed row in place; the first reason its text cannot be scored."""
+    error = None
+    for key in list(row):
+        if isinstance(key, str) and _SURROGATE.search(key):
+            row[_clean(key)] = row.pop(key)
+    for col in text_columns:
+        value = row.get(col)
+        if value is None:
             continue
-        if not isinstance(row, dict):
-            rows.append({})
-            errors.append(f"line is {_describe(row)}, expected a JSON object")
+        if not isinstance(value, str):
+            # Keep the value visible, as JSON text, and say why the row is not scored.
+            kept = _cell(value)
+            row[col] = kept if isinstance(kept, str) else json.dumps(kept)
+            error = error or f"'{col}' is {_describe(value)}, expected a string"
             continue
-        error = None
-        for col in text_columns:
-            value = row.get(col)
-            if value is not None and not isinstance(value, str):
-                # Keep the value visible, as JSON text, and say why the row is not scored.
-                row[col] = json.dumps(value)
-                error = error or f"'{col}' is {_describe(value)}, expected a string"
-        rows.append(row)
-        errors.append(error)
+        bad = _bad_unicode(value)
+        if bad:
+            error = error or f"'{col}' {bad}"
+    for key, value in row.items():
+        row[key] = _cell(value)
+    return error
+
+
+def _jsonl_row(raw: bytes, text_columns: list[str]) -> tuple[dict, str | None]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start]
+        return {}, f"line is not valid UTF-8 (byte 0x{bad:02x} at byte {exc.start})"
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        return {}, "line is nested too deeply to read as JSON"
+    except ValueError as exc:
+        msg = getattr(exc, "msg", str(exc))
+        col = getattr(exc, "colno", None)
+        return {}, f"line is not valid JSON ({msg}{f' at column {col}' if col else ''})"
+    if not isinstance(row, dict):
+        return {}, f"line is {_describe(row)}, expected a JSON object"
+    return row, _text_errors(row, text_columns)
+
+
+def _table(rows: list[dict], errors: list[str | None], text_columns: list[str]) -> pa.Table:
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
@@ -175,102 +362,82 @@ def _jsonl_block(lines: list[str], text_columns: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-class InputDatasource(Datasource):
-    """One read task per file, yielding blocks with an id column and a read-error column."""
+def _jsonl_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
+    rows: list[dict] = []
+    errors: list[str | None] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            row, error = _jsonl_row(raw, text_columns)
+            rows.append(row)
+            errors.append(error)
+            if len(rows) >= block_rows:
+                yield _table(rows, errors, text_columns)
+                rows, errors = [], []
+    if rows:
+        yield _table(rows, errors, text_columns)
 
-    def __init__(
-        self,
-        files: list[Path],
-        fmt: str,
-        root: Path,
-        *,
-        id_column: str,
-        text_columns: list[str],
-        block_rows: int = 4096,
-    ) -> None:
-        super().__init__()
-        self.files = [Path(f) for f in files]
-        self.fmt = fmt
-        self.root = Path(root)
-        self.id_column = id_column
-        self.text_columns = text_columns
-        self.block_rows = block_rows
 
-    def get_name(self) -> str:
-        return self.fmt.upper()
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return sum(f.stat().st_size for f in self.files)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        tasks = []
-        for file_index, path in enumerate(self.files):
-            rows = pq.ParquetFile(path).metadata.num_rows if self.fmt == "parquet" else None
-            meta = BlockMetadata(
-                num_rows=rows,
-                size_bytes=path.stat().st_size,
-                exec_stats=None,
-                input_files=(str(path),),
-            )
-            tasks.append(
-                ReadTask(
-                    lambda i=file_index, path=path: self._read_file(i, path),
-                    meta,
-                    per_task_row_limit=per_task_row_limit,
-                )
-            )
-        return tasks
-
-    def _blocks(self, path: Path) -> Iterator[pa.Table]:
-        return iter_blocks(path, self.fmt, self.block_rows, self.text_columns)
-
-    def _read_file(self, file_index: int, path: Path) -> Iterator[pa.Table]:
-        name = path.relative_to(self.root).as_posix()
-        start = 0
-        for block_index, table in enumerate(self._blocks(path)):
-            n = table.num_rows
-            if READ_ERROR_COLUMN not in table.column_names:
-                table = table.append_column(READ_ERROR_COLUMN, pa.nulls(n, pa.string()))
-
-            if self.id_column not in table.column_names:
-                table = table.append_column(self.id_column, _row_ids(name, start, n))
+def _csv_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
+    """CSV values as text; a ragged row or bad bytes make an error row, not a failed read."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+        except csv.Error:
+            header = None
+        if not header:
+            return
+        header = [_clean(h) for h in header]
+        width = len(header)
+        rows: list[dict] = []
+        errors: list[str | None] = []
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                record, error = [], f"row cannot be read as CSV ({exc})"
             else:
-                ids = table.column(self.id_column)
-                if ids.null_count and (pa.types.is_string(ids.type) or pa.types.is_null(ids.type)):
-                    # A row with no id (an unreadable JSONL line, say) still needs one.
-                    made = _row_ids(name, start, n)
-                    filled = pc.if_else(pc.is_null(ids), made, ids.cast(pa.string()))
-                    index = table.column_names.index(self.id_column)
-                    table = table.set_column(index, self.id_column, filled)
-            table = table.append_column(
-                BLOCK_COLUMN, pa.array(np.full(n, (file_index << 32) | block_index, np.int64))
-            )
-            table = table.append_column(POSITION_COLUMN, pa.array(np.arange(n, dtype=np.int32)))
-            table = table.append_column(BLOCK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
-            start += n
-            yield sort_by_text_length(table, self.text_columns)
+                error = None
+                if len(record) != width:
+                    error = f"row has {len(record)} fields, the header has {width}"
+            row = dict(zip(header, record, strict=False))
+            error = error or _text_errors(row, text_columns)
+            rows.append(row)
+            errors.append(error)
+            if len(rows) >= block_rows:
+                yield _csv_table(rows, errors, header, text_columns)
+                rows, errors = [], []
+        if rows:
+            yield _csv_table(rows, errors, header, text_columns)
+
+
+def _csv_table(
+    rows: list[dict], errors: list[str | None], header: list[str], text_columns: list[str]
+) -> pa.Table:
+    columns = {name: pa.array([row.get(name) for row in rows], type=pa.string()) for name in header}
+    for col in text_columns:
+        if col not in columns:
+            columns[col] = pa.nulls(len(rows), pa.string())
+    columns[READ_ERROR_COLUMN] = pa.array(errors, type=pa.string())
+    return pa.table(columns)
 
 
 def iter_blocks(
     path: Path, fmt: str, block_rows: int, text_columns: list[str]
 ) -> Iterator[pa.Table]:
-    """The raw rows of one input file, ``block_rows`` at a time."""
+    """The rows of one input file, ``block_rows`` at a time, in order. A record that is
+    a row but not text has its reason in ``__read_error``."""
     if fmt == "parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
             yield pa.Table.from_batches([batch])
     elif fmt == "csv":
-        yield from _csv_blocks(path, block_rows)
+        yield from _csv_blocks(path, block_rows, text_columns)
     else:
-        lines: list[str] = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                if len(lines) >= block_rows:
-                    yield _jsonl_block(lines, text_columns)
-                    lines = []
-        if lines:
-            yield _jsonl_block(lines, text_columns)
+        yield from _jsonl_blocks(path, block_rows, text_columns)
 
 
 def read_column(files: list[Path], fmt: str, column: str) -> list:
@@ -290,41 +457,111 @@ def _row_ids(name: str, start: int, n: int) -> pa.Array:
     return pa.array([f"{name}:{i}" for i in range(start, start + n)], pa.string())
 
 
-def sort_by_text_length(table: pa.Table, text_columns: list[str]) -> pa.Table:
-    """Rows ordered by the length of their text, so that rows of a like length travel
-    together and the members pad little; ``__pos`` keeps the way back."""
-    length = np.zeros(table.num_rows, dtype=np.int64)
-    for col in text_columns:
-        if col in table.column_names:
-            column = table.column(col)
-            if pa.types.is_large_string(column.type):
-                column = column.cast(pa.string())
-            if pa.types.is_string(column.type):
-                chars = pc.fill_null(pc.utf8_length(column), 0)
-                length += chars.to_numpy(zero_copy_only=False).astype(np.int64)
-    return table.take(pa.array(np.argsort(length, kind="stable")))
+def committed_mask(rows: np.ndarray, ranges: np.ndarray | None) -> np.ndarray:
+    """Which of ``rows`` fall in the sorted, disjoint ``[start, end)`` ``ranges`` ``(k, 2)``."""
+    if ranges is None or len(ranges) == 0:
+        return np.zeros(len(rows), dtype=bool)
+    at = np.searchsorted(ranges[:, 0], rows, side="right") - 1
+    return (at >= 0) & (rows < ranges[np.maximum(at, 0), 1])
 
 
-def _csv_blocks(path: Path, block_rows: int) -> Iterator[pa.Table]:
-    import pyarrow.csv as pacsv
+class InputDatasource(Datasource):
+    """One read task per file, yielding validated blocks with ids, an ``error`` column
+    and the helper columns ``__file`` / ``__row``.
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        return
-    convert = pacsv.ConvertOptions(
-        column_types={name: pa.string() for name in header}, strings_can_be_null=False
-    )
-    reader = pacsv.open_csv(
-        path, convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 20)
-    )
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in reader:
-        pending.append(batch)
-        count += batch.num_rows
-        if count >= block_rows:
-            yield pa.Table.from_batches(pending)
-            pending, count = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending)
+    ``skip``: per file name, the ``[start, end)`` row ranges an earlier run committed;
+    those rows are read (to keep the numbering) but not passed on. ``counts_dir``: each
+    read task writes ``<file index>.json`` there with the rows it read, once it is done.
+    """
+
+    def __init__(
+        self,
+        inputs: InputFiles,
+        *,
+        id_column: str,
+        text_column: str,
+        text_pair_column: str | None = None,
+        rename: Mapping[str, str] | None = None,
+        skip: Mapping[str, np.ndarray] | None = None,
+        counts_dir: Path | None = None,
+        block_rows: int = BLOCK_ROWS,
+    ) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.id_column = id_column
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.rename = dict(rename or {})
+        self.skip = dict(skip or {})
+        self.counts_dir = counts_dir
+        self.block_rows = block_rows
+
+    def get_name(self) -> str:
+        return self.inputs.fmt.upper()
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(f.stat().st_size for f in self.inputs.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for index, path in enumerate(self.inputs.files):
+            rows = pq.ParquetFile(path).metadata.num_rows if self.inputs.fmt == "parquet" else None
+            meta = BlockMetadata(
+                num_rows=rows,
+                size_bytes=path.stat().st_size,
+                exec_stats=None,
+                input_files=(str(path),),
+            )
+            tasks.append(
+                ReadTask(
+                    lambda i=index: self._read_file(i),
+                    meta,
+                    per_task_row_limit=per_task_row_limit,
+                )
+            )
+        return tasks
+
+    def _read_file(self, index: int) -> Iterator[pa.Table]:
+        path, name = self.inputs.files[index], self.inputs.names[index]
+        text_columns = [self.rename.get(c, c) for c in (self.text_column, self.text_pair_column)]
+        text_columns = [c for c in text_columns if c]
+        skip = self.skip.get(name)
+        start = 0
+        for table in iter_blocks(path, self.inputs.fmt, self.block_rows, text_columns):
+            n = table.num_rows
+            rows = np.arange(start, start + n, dtype=np.int64)
+            start += n
+            keep = ~committed_mask(rows, skip)
+            if not keep.any():
+                continue
+            if self.rename:
+                table = table.rename_columns([self.rename.get(c, c) for c in table.column_names])
+            table = self._with_ids(table, name, int(rows[0]))
+            table = validate_rows(
+                table, text_column=self.text_column, text_pair_column=self.text_pair_column
+            )
+            table = table.append_column(FILE_COLUMN, pa.array(np.full(n, index, np.int32)))
+            table = table.append_column(ROW_COLUMN, pa.array(rows))
+            yield table if keep.all() else table.filter(pa.array(keep))
+        if self.counts_dir is not None:
+            write_json(self.counts_dir / f"{index}.json", {"file": name, "rows": start})
+
+    def _with_ids(self, table: pa.Table, name: str, start: int) -> pa.Table:
+        n = table.num_rows
+        if self.id_column not in table.column_names:
+            return table.append_column(self.id_column, _row_ids(name, start, n))
+        ids = table.column(self.id_column)
+        if ids.null_count and (pa.types.is_string(ids.type) or pa.types.is_null(ids.type)):
+            # A row with no id (an unreadable JSONL line, say) still needs one.
+            made = _row_ids(name, start, n)
+            filled = pc.if_else(pc.is_null(ids), made, ids.cast(pa.string()))
+            index = table.column_names.index(self.id_column)
+            table = table.set_column(index, self.id_column, filled)
+        return table
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Write ``doc`` so that a reader sees the whole file or none of it."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)

@@ -1,9 +1,17 @@
-"""Offline scoring on Ray Data: read -> validate rows -> one stage per member -> reduce -> Parquet.
+"""Offline scoring on Ray Data: read -> ensemble host(s) -> [reduce] -> staged Parquet.
+
+Every stage is stateless across calls. The reader validates rows and numbers them; each
+host runs a window through its members (and the reducer, when it holds them all); with
+several hosts a row-wise reduce step follows; the sink commits part files whose footers
+say which input rows they hold. A retried task or a restarted actor recomputes its
+window and rewrites the same part, so no row is lost or written twice, and the job
+checks that before it publishes.
 
 Example::
 
     from pipelines.config import load_config
-    from pipelines.offline import plan_ensemble, score
+    from pipelines.offline import score
+    from pipelines.plan import plan_ensemble
 
     plan = plan_ensemble(load_config("configs/example.yaml"))
     summary = score(plan, "reviews.jsonl", "out/")     # needs ray.init() first
@@ -12,467 +20,145 @@ Example::
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import sys
-import warnings
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from actors.loading import MemberLoadError, MemberSpec, describe_member
-from actors.member import MemberHost, member_output_column
-from actors.reducer import combine_embeddings, l2_normalise, reduce_classification
-from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS, ConfigError, EnsembleConfig
-from pipelines.io import (
-    BLOCK_COLUMN,
-    BLOCK_ROWS_COLUMN,
-    POSITION_COLUMN,
-    READ_ERROR_COLUMN,
-    InputDatasource,
-    InputError,
-    list_input_files,
-    peek_columns,
-    require_column,
+from actors.host import EnsembleHost, reduce_batch
+from pipelines.io import InputDatasource, InputFiles, check_input
+from pipelines.output import (
+    PUBLISH_FILE,
+    OutputJob,
+    StagedParquetSink,
+    finish_publish,
+    prepare_output,
+    publish,
+    read_committed,
+    verify,
 )
-from pipelines.stacking import StackingModel
+from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, HostResources, hosts_on_cluster
 
 __all__ = [
-    "EnsemblePlan",
     "ScoreSummary",
     "build_dataset",
-    "plan_ensemble",
-    "reduce_batch",
+    "job_data_context",
+    "prepare_job",
+    "run_job",
     "score",
-    "validate_rows",
 ]
 
-LABELS_METADATA_KEY = b"ray_ensemble.labels"
-# Rows are sorted by text length inside each read block (this many rows), then cut into
-# windows for the members. Long blocks make the sort effective (little padding); short
-# windows keep every member busy at once (a window moves on to the next member while the
-# next window arrives) instead of waiting for the pipeline to fill and drain.
-BLOCK_ROWS = 4096
-MIN_WINDOW_BYTES = 64 * 1024
-WINDOW_BYTES_PER_BATCH_ROW = 1024
-# Read, window, reduce and write stages are light; small CPU shares keep them from
-# starving (or deadlocking against) the member actors on small machines.
-LIGHT_TASK_CPUS = 0.1
-LIGHT_RESERVE_CPUS = 0.5
+logger = logging.getLogger(__name__)
+
+# Rows per host call: enough micro-batches that sorting them by length leaves little
+# padding, few enough that every replica has work on a small job.
+WINDOW_BATCHES = 16
+ROWS_PER_FILE = 20_000
+PROGRESS_INTERVAL_S = 10.0
 
 
-@dataclass(frozen=True)
-class EnsemblePlan:
-    """A validated config plus what was read from each member's model config."""
-
-    config: EnsembleConfig
-    specs: tuple[MemberSpec, ...]
-    multi_label: bool
-    stacking: StackingModel | None = None
+def window_rows(plan: EnsemblePlan) -> int:
+    return WINDOW_BATCHES * max(m.batch_size for m in plan.config.members)
 
 
-def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
-    """Read every member's model config and align its labels; raises ConfigError."""
-    specs = []
-    for i, member in enumerate(cfg.members):
-        try:
-            specs.append(describe_member(member, cfg))
-        except MemberLoadError as exc:
-            raise ConfigError(f"members[{i}] ({member.name}): {exc}") from None
-    multi = {s.name: s.multi_label for s in specs}
-    if cfg.task == "classification" and len(set(multi.values())) > 1:
-        raise ConfigError(
-            "members mix single-label (softmax) and multi-label (sigmoid) heads "
-            f"{multi}; an ensemble needs one kind: set problem_type in the models' config.json"
-        )
-    if cfg.task == "embedding" and cfg.reducer.combine == "mean":
-        # A torch member's size is known only once it runs; the reducer checks it then.
-        dims = {s.name: s.hidden_size for s in specs if s.hidden_size is not None}
-        if len(set(dims.values())) > 1:
-            raise ConfigError(
-                f"reducer.combine: mean needs members of one embedding size, got {dims}; "
-                "use combine: concat"
-            )
-    multi_label = any(multi.values())
-    stacking = None
-    if cfg.reducer.combine == "stacking":
-        if multi_label:
-            raise ConfigError(
-                "reducer.combine: stacking is for single-label ensembles; these members are "
-                "multi-label: use weighted_mean or geometric_mean"
-            )
-        stacking = StackingModel.load(cfg.reducer.stacking, cfg)
-    return EnsemblePlan(cfg, tuple(specs), multi_label, stacking)
+@contextlib.contextmanager
+def job_data_context() -> Iterator[None]:
+    """Ray Data settings for one job; the caller's are restored afterwards.
 
-
-def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | None) -> pa.Table:
-    """Add the ``error`` column: why a row cannot be scored, or null. No row is dropped."""
-    n = batch.num_rows
-    errors: list[str | None] = (
-        batch.column(READ_ERROR_COLUMN).to_pylist()
-        if READ_ERROR_COLUMN in batch.column_names
-        else [None] * n
-    )
-    for col in filter(None, (text_column, text_pair_column)):
-        if col not in batch.column_names:
-            values: list = [None] * n
-            kind = None
-        else:
-            column = batch.column(col)
-            kind = column.type
-            if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-                column, kind = column.cast(pa.string()), pa.string()
-            values = column.to_pylist()
-        for i, value in enumerate(values):
-            if errors[i] is not None:
-                continue
-            if value is None:
-                errors[i] = (
-                    f"'{col}' is missing" if col not in batch.column_names else f"'{col}' is null"
-                )
-            elif not isinstance(value, str):
-                errors[i] = f"'{col}' is {kind}, expected a string"
-            elif not value.strip():
-                errors[i] = f"'{col}' is empty"
-    if READ_ERROR_COLUMN in batch.column_names:
-        batch = batch.drop_columns([READ_ERROR_COLUMN])
-    return batch.append_column("error", pa.array(errors, type=pa.string()))
-
-
-def window_bytes(cfg: EnsembleConfig) -> int:
-    """Bytes per window (a member call). Windows cut by size hold many short texts or a
-    few long ones: about the same compute each, so no member waits long for the next."""
-    return max(
-        MIN_WINDOW_BYTES, WINDOW_BYTES_PER_BATCH_ROW * max(m.batch_size for m in cfg.members)
-    )
-
-
-def _float_lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """``(n, k)`` floats as list<float32>, null where not valid."""
-    n, k = values.shape
-    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-    fixed = pa.FixedSizeListArray.from_arrays(flat, k, mask=pa.array(~valid))
-    return fixed.cast(pa.list_(pa.float32()))
-
-
-def _floats(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    return pa.array(np.asarray(values, dtype=np.float64), mask=~valid)
-
-
-def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
-    """Each member's ``__member__<name>`` column as an ``(n, width)`` array."""
-    outs = []
-    for name in names:
-        column = batch.column(member_output_column(name)).combine_chunks()
-        width = column.type.list_size
-        outs.append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width))
-    return outs
-
-
-def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
-    """The last stage: members' outputs in, the output contract's columns out."""
-    cfg = plan.config
-    names = [m.name for m in cfg.members]
-    outputs = member_outputs(batch, names)
-    batch = batch.drop_columns([member_output_column(n) for n in names])
-    errors = batch.column("error").to_pylist()
-    batch = batch.drop_columns(["error"])
-    valid = np.array([e is None for e in errors], dtype=bool)
-    weights = [m.weight for m in cfg.members]
-    columns: dict[str, pa.Array] = {}
-    if cfg.task == "embedding":
-        emb = combine_embeddings(outputs, weights, cfg.reducer.combine)
-        columns["embedding"] = _float_lists(emb, valid)
-        if cfg.reducer.output_members:
-            for name, out in zip(names, outputs, strict=True):
-                columns[f"embedding__{name}"] = _float_lists(l2_normalise(out), valid)
-    else:
-        red = reduce_classification(
-            outputs,
-            member_names=names,
-            temperatures=[m.temperature for m in cfg.members],
-            weights=weights,
-            method=cfg.reducer.combine,
-            multi_label=plan.multi_label,
-            valid=valid,
-            stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
-        )
-        for i, err in enumerate(red.error):
-            if err is not None:
-                errors[i], valid[i] = err, False
-        labels = np.asarray(cfg.labels, dtype=object)
-        columns["label"] = pa.array(labels[red.label], type=pa.string(), mask=~valid)
-        columns["score"] = _floats(red.score, valid)
-        columns["probs"] = _float_lists(red.probs, valid)
-        columns["agreement"] = _floats(red.agreement, valid)
-        columns["entropy"] = _floats(red.entropy, valid)
-        if cfg.reducer.output_members:
-            for name, probs in zip(names, red.member_probs, strict=True):
-                columns[f"probs__{name}"] = _float_lists(probs, valid)
-    columns["error"] = pa.array(errors, type=pa.string())
-    for name, column in columns.items():
-        batch = batch.append_column(name, column)
-    # Labels travel in the file metadata, so a reader knows what `probs` index.
-    meta = {LABELS_METADATA_KEY: json.dumps(cfg.labels or []).encode()}
-    return batch.replace_schema_metadata(meta)
-
-
-class OrderedReducer:
-    """The reduce stage: combines each window, then holds it until its read block is
-    complete and writes the block out in input order.
-
-    Runs as a single actor, so every window of a block meets in one place; windows
-    arrive in order, so at most a block or two wait here at any time.
-    """
-
-    HELPERS = (BLOCK_COLUMN, POSITION_COLUMN, BLOCK_ROWS_COLUMN)
-
-    def __init__(self, plan: EnsemblePlan) -> None:
-        self.plan = plan
-        self.pending: dict[int, list[pa.Table]] = {}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        reduced = reduce_batch(batch, plan=self.plan)
-        blocks = reduced.column(BLOCK_COLUMN).to_numpy(zero_copy_only=False)
-        sizes = reduced.column(BLOCK_ROWS_COLUMN).to_numpy(zero_copy_only=False)
-        done = []
-        for block in dict.fromkeys(blocks.tolist()):
-            rows = np.flatnonzero(blocks == block)
-            parts = self.pending.setdefault(block, [])
-            parts.append(reduced.take(pa.array(rows)))
-            if sum(p.num_rows for p in parts) == int(sizes[rows[0]]):
-                whole = pa.concat_tables(self.pending.pop(block))
-                order = pc.sort_indices(whole.column(POSITION_COLUMN))
-                done.append(whole.take(order))
-        if not done:
-            return reduced.slice(0, 0).drop_columns(list(self.HELPERS))
-        return pa.concat_tables(done).drop_columns(list(self.HELPERS))
-
-
-@dataclass(frozen=True)
-class MemberResources:
-    num_cpus: float
-    num_gpus: float
-    threads: int
-    min_replicas: int
-    max_replicas: int
-
-
-def member_resources(
-    cfg: EnsembleConfig, cluster: dict, max_node_cpus: float, *, cpu_fallback: bool = True
-) -> list[MemberResources]:
-    """CPU and GPU requests per member replica.
-
-    Members without a GPU share the CPUs evenly unless they set ``num_cpus``, leaving a
-    little for the light stages so the pipeline cannot deadlock on a small machine.
-    ``cpu_fallback``: with no GPU in the cluster, run GPU members on CPU (a local Ray);
-    otherwise keep asking for GPUs, which an autoscaling cluster adds.
-    """
-    total_cpus = float(cluster.get("CPU", 0))
-    has_gpu = float(cluster.get("GPU", 0)) > 0
-    gpu_members = [m for m in cfg.members if m.num_gpus > 0]
-    if gpu_members and not has_gpu:
-        if cpu_fallback:
-            warnings.warn(
-                f"members {[m.name for m in gpu_members]} ask for GPUs but the cluster has "
-                "none; running them on CPU",
-                stacklevel=2,
-            )
-        else:
-            print(
-                f"members {[m.name for m in gpu_members]} ask for GPUs and the cluster has none "
-                "yet: waiting for the autoscaler to add GPU nodes",
-                file=sys.stderr,
-                flush=True,
-            )
-            has_gpu = True
-    cpu_members = [m for m in cfg.members if not (m.num_gpus > 0 and has_gpu)]
-    auto = [m for m in cpu_members if m.num_cpus is None]
-    fixed = sum(m.num_cpus * m.replica_range[1] for m in cpu_members if m.num_cpus is not None)
-    replicas = sum(m.replica_range[1] for m in auto)
-    spare = max(total_cpus - LIGHT_RESERVE_CPUS - fixed, LIGHT_TASK_CPUS)
-    share = min(spare / replicas, max_node_cpus - LIGHT_RESERVE_CPUS) if replicas else 1.0
-    share = max(round(share, 2), 0.1)
-    out = []
-    for m in cfg.members:
-        gpus = m.num_gpus if has_gpu else 0.0
-        cpus = m.num_cpus if m.num_cpus is not None else (1.0 if gpus > 0 else share)
-        lo, hi = m.replica_range
-        out.append(MemberResources(cpus, gpus, max(1, math.ceil(cpus - 1e-9)), lo, hi))
-    return out
-
-
-def plan_resources(cfg: EnsembleConfig) -> list[MemberResources]:
-    """Resources per member on the running cluster, after checking that the GPU members
-    fit in their share of GPU memory (ConfigError otherwise)."""
-    import ray
-
-    from pipelines.placement import check_gpu_fit, cluster_gpus
-
-    cluster, node_cpus = cluster_shape()
-    if float(cluster.get("GPU", 0)) > 0:
-        check_gpu_fit(cfg, cluster_gpus())
-    # A Ray this process started (ray.init without an address) never grows GPUs.
-    node = getattr(ray._private.worker, "_global_node", None)
-    local = bool(getattr(node, "ray_init_cluster", False))
-    return member_resources(cfg, cluster, node_cpus, cpu_fallback=local)
-
-
-def cluster_shape() -> tuple[dict, float]:
-    """The cluster's resources, and the most CPUs on one live node."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
-    return ray.cluster_resources(), node_cpus
-
-
-def check_input(
-    plan: EnsemblePlan, input_path: str | Path, *, allow: tuple[str, ...] = ()
-) -> tuple[list[Path], str, Path]:
-    """The input files, after checks that need no Ray: raises InputError (a usage error).
-
-    ``allow``: columns that may share an output column's name (they are renamed or never
-    reach the output).
-    """
-    files, fmt, root = list_input_files(input_path)
-    cfg = plan.config
-    columns = peek_columns(files[0], fmt)
-    text = cfg.input.text_column
-    require_column(files[0], fmt, columns, text, "--input", "; set input.text_column in the config")
-    produced = set(cfg.output_columns())
-    clash = [
-        c
-        for c in columns
-        if c not in allow
-        and (c in produced or c in OUTPUT_COLUMNS or c.startswith(MEMBER_OUTPUT_PREFIXES))
-    ]
-    if clash:
-        raise InputError(
-            f"--input: column(s) {clash} of {files[0].name} have the names of output columns; "
-            "rename or drop them (scoring an already scored file?)"
-        )
-    return files, fmt, root
-
-
-def read_windows(
-    plan: EnsemblePlan,
-    input_path: str | Path,
-    *,
-    block_rows: int = BLOCK_ROWS,
-    rename: dict[str, str] | None = None,
-    allow: tuple[str, ...] = (),
-):
-    """The first stages: read, sort blocks by text length, validate. Each output block is
-    one window for the members. ``rename`` renames input columns as they are read."""
+    Windows stay in input order (so parts do too), and Ray Data's own progress dumps,
+    start banner and memory warnings give way to our one line per interval."""
     import ray.data
 
-    cfg = plan.config
-    rename = rename or {}
-    files, fmt, root = check_input(plan, input_path, allow=(*allow, *rename))
-    text_columns = [c for c in (cfg.input.text_column, cfg.input.text_pair_column) if c]
     ctx = ray.data.DataContext.get_current()
-    source = InputDatasource(
-        files,
-        fmt,
-        root,
-        id_column=cfg.input.id_column,
-        text_columns=text_columns,
-        block_rows=block_rows,
+    names = (
+        "enable_progress_bars",
+        "print_on_execution_start",
     )
-    # The dataset keeps the settings it was built with; the caller's context is restored.
-    saved = ctx.target_max_block_size, ctx.execution_options.preserve_order
-    # Ray Data cuts blocks to this size: the windows each member call gets.
-    ctx.target_max_block_size = window_bytes(cfg)
-    ctx.execution_options.preserve_order = True  # the reducer expects windows in order
+    saved = {n: getattr(ctx, n) for n in names}
+    saved_order = ctx.execution_options.preserve_order
+    saved_detectors = list(ctx.issue_detectors_config.detectors)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+    ctx.issue_detectors_config.detectors = []
     try:
-        # One read task per file: the sort spans whole read blocks.
-        ds = ray.data.read_datasource(
-            source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(files)
-        )
+        yield
     finally:
-        ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
-    if rename:
-        ds = ds.map_batches(
-            _rename,
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=LIGHT_TASK_CPUS,
-            fn_kwargs={"names": rename},
-        )
-    ds = ds.map_batches(
-        validate_rows,
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={
-            "text_column": cfg.input.text_column,
-            "text_pair_column": cfg.input.text_pair_column,
-        },
-    )
-    return ds
-
-
-def member_stages(plan: EnsemblePlan, ds):
-    """One actor-pool stage per member: each adds its ``__member__<name>`` column."""
-    from ray.data import ActorPoolStrategy
-
-    cfg = plan.config
-    resources = plan_resources(cfg)
-    for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
-        pool = (
-            ActorPoolStrategy(size=res.min_replicas)
-            if res.min_replicas == res.max_replicas
-            else ActorPoolStrategy(min_size=res.min_replicas, max_size=res.max_replicas)
-        )
-        ds = ds.map_batches(
-            MemberHost,
-            fn_constructor_kwargs={
-                "member": member.model_copy(update={"num_gpus": res.num_gpus}),
-                "spec": spec,
-                "task": cfg.task,
-                "num_labels": cfg.num_labels,
-                "text_column": cfg.input.text_column,
-                "text_pair_column": cfg.input.text_pair_column,
-                "threads": res.threads,
-            },
-            batch_format="pyarrow",
-            batch_size=None,  # one window per call
-            compute=pool,
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus or None,
-        )
-    return ds
-
-
-def _rename(batch: pa.Table, *, names: dict[str, str]) -> pa.Table:
-    return batch.rename_columns([names.get(c, c) for c in batch.column_names])
+        for n, v in saved.items():
+            setattr(ctx, n, v)
+        ctx.execution_options.preserve_order = saved_order
+        ctx.issue_detectors_config.detectors = saved_detectors
 
 
 def build_dataset(
     plan: EnsemblePlan,
-    input_path: str | Path,
+    inputs: InputFiles,
     *,
-    block_rows: int = BLOCK_ROWS,
-    rename: dict[str, str] | None = None,
+    hosts: list[HostResources],
+    reduce: bool = True,
+    rename: Mapping[str, str] | None = None,
+    skip: Mapping[str, np.ndarray] | None = None,
+    counts_dir: Path | None = None,
+    progress: Any = None,
 ):
-    """The lazy Ray Data pipeline from the input to the output contract's columns."""
+    """The lazy Ray Data pipeline from the input to the output contract's columns (with
+    ``reduce=False``: to each member's ``__member__<name>`` column)."""
+    import ray.data
     from ray.data import ActorPoolStrategy
 
-    ds = member_stages(plan, read_windows(plan, input_path, block_rows=block_rows, rename=rename))
-    return ds.map_batches(
-        OrderedReducer,
-        fn_constructor_kwargs={"plan": plan},
-        batch_format="pyarrow",
-        batch_size=None,
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=LIGHT_TASK_CPUS,
+    cfg = plan.config
+    source = InputDatasource(
+        inputs,
+        id_column=cfg.input.id_column,
+        text_column=cfg.input.text_column,
+        text_pair_column=cfg.input.text_pair_column,
+        rename=rename,
+        skip=skip,
+        counts_dir=counts_dir,
     )
+    # One read task per file: rows are numbered by the task that reads their file.
+    ds = ray.data.read_datasource(
+        source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(inputs.files)
+    )
+    alone = len(hosts) == 1
+    for i, host in enumerate(hosts):
+        pool = (
+            ActorPoolStrategy(size=host.min_replicas)
+            if host.min_replicas == host.max_replicas
+            else ActorPoolStrategy(min_size=host.min_replicas, max_size=host.max_replicas)
+        )
+        ds = ds.map_batches(
+            EnsembleHost,
+            fn_constructor_kwargs={
+                "plan": plan,
+                "members": host.members,
+                "reduce": reduce and alone,
+                "num_gpus": host.num_gpus,
+                "threads": host.threads,
+                "progress": progress if i == len(hosts) - 1 else None,
+            },
+            batch_format="pyarrow",
+            batch_size=window_rows(plan),
+            compute=pool,
+            num_cpus=host.num_cpus,
+            num_gpus=host.num_gpus or None,
+        )
+    if reduce and not alone:
+        # Where the hosts' outputs meet: row-wise, so any task may recompute any window.
+        ds = ds.map_batches(
+            reduce_batch,
+            fn_kwargs={"plan": plan},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=LIGHT_TASK_CPUS,
+        )
+    return ds
 
 
 @dataclass(frozen=True)
@@ -482,29 +168,159 @@ class ScoreSummary:
     errors: int
     files: int
     output: str
+    resumed: int = 0  # rows an earlier run had committed
 
 
-def prepare_output(output_dir: str | Path, *, overwrite: bool) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output: {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(
-                f"--output: {out} is not empty; choose a new directory or pass --overwrite"
-            )
-        shutil.rmtree(out)
-    return out
+@dataclass(frozen=True)
+class ScoreJob:
+    """A scoring job whose input and output have been checked (no Ray needed)."""
+
+    plan: EnsemblePlan
+    inputs: InputFiles
+    output: OutputJob
+    rename: Mapping[str, str] | None = None
 
 
-def summarise(output_dir: Path) -> ScoreSummary:
-    files = sorted(output_dir.glob("*.parquet"))
-    rows = errors = 0
-    for f in files:
-        col = pq.read_table(f, columns=["error"]).column("error")
-        rows += len(col)
-        errors += len(col) - pc.sum(pc.is_null(col)).as_py() if len(col) else 0
-    return ScoreSummary(rows, rows - errors, errors, len(files), str(output_dir))
+def prepare_job(
+    plan: EnsemblePlan,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    rename: Mapping[str, str] | None = None,
+) -> ScoreJob:
+    """Every check of the input and the output folder, before Ray starts (InputError)."""
+    rename = dict(rename or {})
+    inputs = check_input(plan.config, input_path, allow=tuple(rename))
+    output = prepare_output(
+        output_dir, input_path, plan.config, inputs, overwrite=overwrite, resume=resume
+    )
+    return ScoreJob(plan, inputs, output, rename)
+
+
+class _Progress:
+    """Counts rows as hosts finish windows; the driver logs one line per interval.
+
+    Holds a number only: if it is lost, the log goes quiet and no row is harmed."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def get(self) -> int:
+        return self.rows
+
+
+@contextlib.contextmanager
+def _progress_log(total: int | None, done: int, interval_s: float) -> Iterator[Any]:
+    import ray
+
+    counter = ray.remote(num_cpus=0)(_Progress).remote()
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def report() -> None:
+        while not stop.wait(interval_s):
+            try:
+                rows = ray.get(counter.get.remote(), timeout=5)
+            except Exception:  # the counter is gone: keep scoring, stop reporting
+                return
+            took = time.perf_counter() - started
+            rate = rows / took if took > 0 else 0.0
+            if total:
+                left = max(total - done - rows, 0)
+                eta = f", about {left / rate:.0f}s left" if rate > 0 else ""
+                logger.info(
+                    "score: %s of %s rows (%.1f%%), %.0f rows/s%s",
+                    f"{done + rows:,}",
+                    f"{total:,}",
+                    100 * (done + rows) / total,
+                    rate,
+                    eta,
+                )
+            else:
+                logger.info("score: %s rows, %.0f rows/s", f"{done + rows:,}", rate)
+
+    thread = threading.Thread(target=report, name="score-progress", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+        ray.kill(counter)
+
+
+def _total_rows(inputs: InputFiles) -> int | None:
+    if inputs.fmt != "parquet":
+        return None  # known only once read
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.files)
+
+
+def run_job(
+    job: ScoreJob,
+    *,
+    cpu_fallback: bool = True,
+    rows_per_file: int = ROWS_PER_FILE,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+) -> ScoreSummary:
+    """Score, verify and publish a prepared job. Ray must be initialised.
+
+    ``cpu_fallback``: run GPU members on CPU when Ray has no GPU (a local Ray); on a
+    joined cluster, leave it False so they wait for GPU nodes."""
+    out = job.output
+    if out.done or (out.resume and (out.staging / PUBLISH_FILE).is_file()):
+        success = finish_publish(out) if not out.done else _read_success(out)
+        logger.info("score: %s is complete already", out.out)
+        return _summary(success, out, resumed=success["rows_written"])
+    committed = read_committed(out.staging) if out.resume else None
+    resumed = committed.rows if committed else 0
+    if committed:
+        logger.info(
+            "score: resuming: %s rows in %d parts are committed already",
+            f"{resumed:,}",
+            len(committed.parts),
+        )
+    hosts = hosts_on_cluster(job.plan.config, cpu_fallback=cpu_fallback)
+    with (
+        job_data_context(),
+        _progress_log(_total_rows(job.inputs), resumed, progress_interval_s) as progress,
+    ):
+        ds = build_dataset(
+            job.plan,
+            job.inputs,
+            hosts=hosts,
+            rename=job.rename,
+            skip=committed.ranges if committed else None,
+            counts_dir=out.counts_dir,
+            progress=progress,
+        )
+        ds.write_datasink(
+            StagedParquetSink(out.staging, job.inputs.names, rows_per_file),
+            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
+        )
+    success = verify(out, job.inputs)
+    publish(out, success)
+    return _summary(success, out, resumed=resumed)
+
+
+def _read_success(out: OutputJob) -> dict:
+    import json
+
+    from pipelines.output import SUCCESS
+
+    return json.loads((out.out / SUCCESS).read_text())
+
+
+def _summary(success: dict, out: OutputJob, *, resumed: int) -> ScoreSummary:
+    rows = success["rows_written"]
+    errors = success["rows_with_error"]
+    return ScoreSummary(rows, rows - errors, errors, len(success["parts"]), str(out.out), resumed)
 
 
 def score(
@@ -513,15 +329,15 @@ def score(
     output_dir: str | Path,
     *,
     overwrite: bool = False,
-    min_rows_per_file: int = 100_000,
-    rename: dict[str, str] | None = None,
+    resume: bool = False,
+    rows_per_file: int = ROWS_PER_FILE,
+    rename: Mapping[str, str] | None = None,
+    cpu_fallback: bool = True,
 ) -> ScoreSummary:
     """Score every input row into Parquet files under ``output_dir``. Ray must be initialised.
 
     ``rename`` renames input columns on the way (evaluate keeps the true label so)."""
-    out = prepare_output(output_dir, overwrite=overwrite)
-    ds = build_dataset(plan, input_path, rename=rename)
-    ds.write_parquet(
-        str(out), min_rows_per_file=min_rows_per_file, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}
+    job = prepare_job(
+        plan, input_path, output_dir, overwrite=overwrite, resume=resume, rename=rename
     )
-    return summarise(out)
+    return run_job(job, cpu_fallback=cpu_fallback, rows_per_file=rows_per_file)

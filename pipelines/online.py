@@ -8,7 +8,7 @@ Example::
 
     from ray import serve
     from pipelines.config import load_config
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
     from pipelines.online import build_app
 
     serve.run(build_app(plan_ensemble(load_config("configs/example.yaml"))))
@@ -34,15 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.host import reduce_batch
 from actors.member import MemberHost, member_output_column
 from actors.reducer import member_top
-from pipelines.offline import (
-    LIGHT_TASK_CPUS,
-    EnsemblePlan,
-    plan_ensemble,
-    plan_resources,
-    reduce_batch,
-)
+from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
 __all__ = ["Ingress", "MemberServer", "app_builder", "build_app"]
 
@@ -494,11 +489,13 @@ IngressDeployment = serve.deployment(serve.ingress(app)(Ingress), name="ingress"
 MemberDeployment = serve.deployment(MemberServer, name="member")
 
 
-def build_app(plan: EnsemblePlan) -> serve.Application:
-    """The Serve application for an ensemble. Ray must be running (its shape sets CPUs)."""
+def build_app(plan: EnsemblePlan, *, cpu_fallback: bool = False) -> serve.Application:
+    """The Serve application for an ensemble. Ray must be running (its shape sets CPUs).
+
+    ``cpu_fallback``: run GPU members on CPU when Ray has none (a local Ray)."""
     cfg = plan.config
     limits = cfg.serve
-    resources = plan_resources(cfg)
+    resources = hosts_on_cluster(cfg, cpu_fallback=cpu_fallback, colocate=False)
     members = []
     for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
         options: dict[str, Any] = {
@@ -541,9 +538,11 @@ def build_app(plan: EnsemblePlan) -> serve.Application:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """For ``serve run`` / ``serve deploy``: ``import_path: pipelines.online:app_builder``,
-    ``args: {config: path/to/ensemble.yaml}``."""
+    ``args: {config: path/to/ensemble.yaml}`` (and ``cpu_fallback: true`` to run GPU
+    members on CPU where Ray has no GPU)."""
     from pipelines.config import load_config
 
     if "config" not in args:
         raise ValueError("app_builder needs the argument `config`: the ensemble YAML path")
-    return build_app(plan_ensemble(load_config(args["config"])))
+    plan = plan_ensemble(load_config(args["config"]))
+    return build_app(plan, cpu_fallback=bool(args.get("cpu_fallback", False)))

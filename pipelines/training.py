@@ -9,6 +9,7 @@ checkpoint, and the last one is written as a Hugging Face directory at the membe
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import sys
@@ -23,6 +24,8 @@ import numpy as np
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 from pipelines.fitting import label_indices
 from pipelines.io import InputError, list_input_files, peek_columns, read_column, require_column
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TrainSet", "read_train_set", "train_member", "train_members"]
 
@@ -281,23 +284,22 @@ def train_members(
     done = []
     for k, member in enumerate(members, 1):
         if skip_existing and (Path(member.model) / "config.json").exists():
-            print(
-                f"train: {member.name} already at {member.model}; reusing it",
-                file=sys.stderr,
-                flush=True,
-            )
+            logger.info("train: %s already at %s; reusing it", member.name, member.model)
             continue
-        print(
-            f"train: member {k}/{len(members)} '{member.name}' from {member.train.base_model}",
-            file=sys.stderr,
-            flush=True,
+        logger.info(
+            "train: member %d/%d '%s' from %s",
+            k,
+            len(members),
+            member.name,
+            member.train.base_model,
         )
         info = train_member(cfg, member, data, workdir)
-        print(
-            f"train: {member.name} done in {info['seconds']:.0f}s "
-            f"(final loss {info['loss']:.4f}) -> {info['model']}",
-            file=sys.stderr,
-            flush=True,
+        logger.info(
+            "train: %s done in %.0fs (final loss %.4f) -> %s",
+            member.name,
+            info["seconds"],
+            info["loss"],
+            info["model"],
         )
         done.append(info)
     return done

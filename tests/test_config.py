@@ -112,7 +112,7 @@ def test_label_map_fixes_alignment(tmp_path, models):
         models,
         members=[member(models, "gamma", label_map={"LABEL_0": "negative", "LABEL_1": "positive"})],
     )
-    from pipelines.offline import plan_ensemble
+    from pipelines.plan import plan_ensemble
 
     plan = plan_ensemble(load_config(cfg))
     assert plan.specs[0].label_index == (0, 1)

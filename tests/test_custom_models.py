@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from jobs.example import build_tokenizer, make_texts
 from pipelines.config import ConfigError, config_from_dict
-from pipelines.offline import plan_ensemble, score
+from pipelines.offline import score
+from pipelines.plan import plan_ensemble
 from tests.custom_models import MeanPoolClassifier, ToyConfig, ToyForSequenceClassification
 from tests.oracle import canonical_probs
 

@@ -1,4 +1,4 @@
-"""The member host on its own, without Ray."""
+"""The member host (and the ensemble host around one member) on its own, without Ray."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.member import MemberHost
+from actors.host import EnsembleHost
+from actors.loading import describe_member
+from actors.member import MemberHost, member_output_column
 from jobs.example import make_texts
 from pipelines.config import config_from_dict
-from pipelines.offline import plan_ensemble
+from pipelines.plan import plan_ensemble
 from tests.oracle import plain_embeddings, plain_logits
 
 
@@ -31,10 +33,10 @@ def make_host(
         },
         base_dir=tmp_path,
     )
-    plan = plan_ensemble(cfg)
+    # The member alone: ensemble-level checks (every label has a voter) are not its concern.
     return MemberHost(
         member=cfg.members[0],
-        spec=plan.specs[0],
+        spec=describe_member(cfg.members[0], cfg),
         task=task,
         num_labels=cfg.num_labels,
         text_column="text",
@@ -51,14 +53,27 @@ def batch_of(texts, errors=None) -> pa.Table:
     )
 
 
+def ensemble_host(models, model: str, tmp_path, **member_kw) -> EnsembleHost:
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "labels": ["negative", "positive"],
+            "members": [{"name": model, "model": str(models[model]), **member_kw}],
+        },
+        base_dir=tmp_path,
+    )
+    return EnsembleHost(plan=plan_ensemble(cfg), reduce=False, threads=1)
+
+
 def test_host_matches_plain_transformers_and_skips_bad_rows(models, tmp_path):
-    host = make_host(models, "beta", tmp_path, batch_size=4, max_length=16)
+    host = ensemble_host(models, "beta", tmp_path, batch_size=4, max_length=16)
     texts = make_texts(11, seed=3)
     errors = [None] * 11
     errors[4] = "'text' is empty"
     out = host(batch_of(texts, errors))
-    assert out.column_names == ["text", "error", host.output_column]
-    got = np.array(out.column(host.output_column).to_pylist(), dtype=float)
+    column = member_output_column("beta")
+    assert out.column_names == ["text", "error", column]
+    got = np.array(out.column(column).to_pylist(), dtype=float)
     assert np.isnan(got[4]).all()
     ok = [i for i in range(11) if i != 4]
     # beta's labels are (POSITIVE, NEGATIVE): canonical order flips them
@@ -112,9 +127,10 @@ def test_embedding_host_mean_pools(models, tmp_path):
 
 
 def test_all_rows_bad_gives_an_empty_forward(models, tmp_path):
-    host = make_host(models, "alpha", tmp_path)
+    host = ensemble_host(models, "alpha", tmp_path)
     out = host(batch_of([None, ""], ["'text' is null", "'text' is empty"]))
-    assert np.isnan(np.array(out.column(host.output_column).to_pylist(), dtype=float)).all()
+    column = out.column(member_output_column("alpha")).to_pylist()
+    assert np.isnan(np.array(column, dtype=float)).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

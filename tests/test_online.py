@@ -15,7 +15,8 @@ import requests
 
 from jobs.example import make_texts
 from pipelines.config import config_from_dict
-from pipelines.offline import plan_ensemble, score
+from pipelines.offline import score
+from pipelines.plan import plan_ensemble
 from tests.oracle import plain_logits
 
 LABELS = ["negative", "positive"]

@@ -12,9 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.host import LABELS_METADATA_KEY
 from jobs.example import make_texts
 from pipelines.config import config_from_dict
-from pipelines.offline import LABELS_METADATA_KEY, plan_ensemble, score
+from pipelines.offline import score
+from pipelines.plan import plan_ensemble
 from tests.oracle import canonical_probs, plain_embeddings
 
 LABELS = ["negative", "positive"]
@@ -176,7 +178,7 @@ def test_parquet_directory_gets_stable_unique_ids(ray_cluster, models, tmp_path)
     pq.write_table(pa.table({"text": texts[25:]}), src / "sub" / "b.parquet")
     members = [{"name": "alpha", "model": str(models["alpha"])}]
     plan = plan_for(models, tmp_path, members, reducer={"combine": "geometric_mean"})
-    first = read_output(Path(score(plan, src, tmp_path / "o1", min_rows_per_file=10).output))
+    first = read_output(Path(score(plan, src, tmp_path / "o1", rows_per_file=10).output))
     ids = first.column("id").to_pylist()
     assert ids == [f"a.parquet:{i}" for i in range(25)] + [f"sub/b.parquet:{i}" for i in range(15)]
     assert first.column("text").to_pylist() == texts

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 from transformers import AutoModelForSequenceClassification
 
 from pipelines.config import ConfigError, config_from_dict
-from pipelines.offline import member_resources
 from pipelines.placement import (
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -17,6 +14,7 @@ from pipelines.placement import (
     estimate_gpu_need,
     weight_bytes,
 )
+from pipelines.plan import plan_hosts
 
 LABELS = ["negative", "positive"]
 
@@ -58,21 +56,67 @@ def test_a_share_too_small_names_the_member_and_the_fix(models, tmp_path):
         check_gpu_fit(config(models, tmp_path, num_gpus=1), [need / 2])  # no GPU is enough
 
 
-def test_no_gpus_means_no_check_and_cpu_placement(ray_cluster, models, tmp_path):
+def test_no_gpus_means_no_check_and_cpu_placement(ray_cluster, models, tmp_path, caplog):
     cfg = config(models, tmp_path, num_gpus=0.5)
     assert cluster_gpus() == []  # this machine has none
     assert check_gpu_fit(cfg, []) == [estimate_gpu_need(cfg.members[0])]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        (res,) = member_resources(cfg, {"CPU": 2.0}, 2.0)
+    (res,) = plan_hosts(cfg, {"CPU": 2.0}, 2.0, cpu_fallback=True)
     assert res.num_gpus == 0 and res.num_cpus > 0
-    assert any("running them on CPU" in str(w.message) for w in caught)
-    (res,) = member_resources(cfg, {"CPU": 8.0, "GPU": 1.0}, 8.0)
+    assert "running them on CPU" in caplog.text
+    (res,) = plan_hosts(cfg, {"CPU": 8.0, "GPU": 1.0}, 8.0, cpu_fallback=True)
     assert res.num_gpus == 0.5 and res.num_cpus == 1.0
 
 
-def test_a_joined_cluster_without_gpus_yet_waits_for_them(models, tmp_path, capsys):
+def test_a_joined_cluster_without_gpus_yet_waits_for_them(models, tmp_path, caplog):
     cfg = config(models, tmp_path, num_gpus=0.5)
-    (res,) = member_resources(cfg, {"CPU": 2.0}, 2.0, cpu_fallback=False)
+    (res,) = plan_hosts(cfg, {"CPU": 2.0}, 2.0, cpu_fallback=False)
     assert res.num_gpus == 0.5  # the autoscaler adds GPU nodes for this request
-    assert "waiting for the autoscaler" in capsys.readouterr().err
+    assert "waiting for the autoscaler" in caplog.text
+
+
+def ensemble(models, tmp_path, *members):
+    return config_from_dict(
+        {
+            "name": "g",
+            "labels": LABELS,
+            "members": [
+                {"name": f"m{i}", "model": str(models["alpha"]), **m} for i, m in enumerate(members)
+            ],
+        },
+        base_dir=tmp_path,
+    )
+
+
+def test_members_on_one_device_share_a_host(models, tmp_path):
+    cpu = ensemble(models, tmp_path, {}, {}, {"replicas": {"min": 1, "max": 3}})
+    (host,) = plan_hosts(cpu, {"CPU": 8.0}, 8.0, cpu_fallback=True)
+    assert host.members == ("m0", "m1", "m2") and host.num_gpus == 0
+    assert (host.min_replicas, host.max_replicas) == (1, 3)
+    # 8 CPUs less the light stages' reserve, over the host's 3 replicas at most.
+    assert host.num_cpus == pytest.approx((8.0 - 0.5) / 3, abs=0.01) and host.threads == 3
+    gpus = {"CPU": 16.0, "GPU": 4.0}
+    shares = ensemble(models, tmp_path, {"num_gpus": 0.5}, {"num_gpus": 0.25}, {"num_gpus": 0.5})
+    hosts = plan_hosts(shares, gpus, 16.0, cpu_fallback=False)
+    assert [(h.members, h.num_gpus) for h in hosts] == [(("m0", "m1"), 0.75), (("m2",), 0.5)]
+    own = ensemble(models, tmp_path, {"num_gpus": 1}, {"num_gpus": 0.5}, {}, {"own_host": True})
+    hosts = plan_hosts(own, gpus, 16.0, cpu_fallback=False)
+    assert [h.members for h in hosts] == [("m0",), ("m1",), ("m2",), ("m3",)]
+    assert [h.num_gpus for h in hosts] == [1, 0.5, 0, 0]
+    split = plan_hosts(cpu, {"CPU": 8.0}, 8.0, cpu_fallback=True, colocate=False)
+    assert [h.members for h in split] == [("m0",), ("m1",), ("m2",)]
+
+
+def test_a_label_no_weighted_member_has_is_refused(models, tmp_path):
+    from pipelines.plan import plan_ensemble
+
+    members = [
+        {"name": "alpha", "model": str(models["alpha"])},
+        {"name": "tri", "model": str(models["tri"]), "weight": 0},
+    ]
+    three = ["negative", "neutral", "positive"]
+    cfg = config_from_dict({"name": "g", "labels": three, "members": members}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"no member with weight > 0 can vote for \['neutral'\]"):
+        plan_ensemble(cfg)
+    # `mean` ignores weights: the weight-0 member votes there.
+    mean = cfg.model_copy(update={"reducer": cfg.reducer.model_copy(update={"combine": "mean"})})
+    assert plan_ensemble(mean).specs[1].label_index == (1, 2, 0)

@@ -1,0 +1,222 @@
+"""Planning: a validated config becomes an ensemble plan, and the plan becomes hosts.
+
+:func:`plan_ensemble` reads each member's model config (cheap: no weights) and catches
+every mistake it can before any Ray work. :func:`plan_hosts` decides which members share
+an ensemble host and what each host asks Ray for, on the cluster at hand.
+
+Example::
+
+    from pipelines.config import load_config
+    from pipelines.plan import plan_ensemble, plan_hosts
+
+    plan = plan_ensemble(load_config("configs/example.yaml"))
+    hosts = plan_hosts(plan.config, {"CPU": 8.0}, 8.0, cpu_fallback=True)
+    assert [h.members for h in hosts] == [("alpha", "beta", "gamma")]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from actors.loading import MemberLoadError, MemberSpec, describe_member
+from actors.reducer import UNWEIGHTED_COMBINE
+from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
+from pipelines.stacking import StackingModel
+
+__all__ = ["EnsemblePlan", "HostResources", "cluster_shape", "plan_ensemble", "plan_hosts"]
+
+logger = logging.getLogger(__name__)
+
+# Read, reduce and write stages are light; small CPU shares keep them from starving (or
+# deadlocking against) the hosts on small machines.
+LIGHT_TASK_CPUS = 0.1
+LIGHT_RESERVE_CPUS = 0.5
+
+
+@dataclass(frozen=True)
+class EnsemblePlan:
+    """A validated config plus what was read from each member's model config."""
+
+    config: EnsembleConfig
+    specs: tuple[MemberSpec, ...]
+    multi_label: bool
+    stacking: StackingModel | None = None
+
+
+def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
+    """Read every member's model config and align its labels; raises ConfigError."""
+    specs = []
+    for i, member in enumerate(cfg.members):
+        try:
+            specs.append(describe_member(member, cfg))
+        except MemberLoadError as exc:
+            raise ConfigError(f"members[{i}] ({member.name}): {exc}") from None
+    multi = {s.name: s.multi_label for s in specs}
+    if cfg.task == "classification" and len(set(multi.values())) > 1:
+        raise ConfigError(
+            "members mix single-label (softmax) and multi-label (sigmoid) heads "
+            f"{multi}; an ensemble needs one kind: set problem_type in the models' config.json"
+        )
+    if cfg.task == "embedding" and cfg.reducer.combine == "mean":
+        # A torch member's size is known only once it runs; the reducer checks it then.
+        dims = {s.name: s.hidden_size for s in specs if s.hidden_size is not None}
+        if len(set(dims.values())) > 1:
+            raise ConfigError(
+                f"reducer.combine: mean needs members of one embedding size, got {dims}; "
+                "use combine: concat"
+            )
+    multi_label = any(multi.values())
+    stacking = None
+    if cfg.reducer.combine == "stacking":
+        if multi_label:
+            raise ConfigError(
+                "reducer.combine: stacking is for single-label ensembles; these members are "
+                "multi-label: use weighted_mean or geometric_mean"
+            )
+        stacking = StackingModel.load(cfg.reducer.stacking, cfg)
+    elif cfg.task == "classification":
+        _check_every_label_has_a_voter(cfg, specs)
+    return EnsemblePlan(cfg, tuple(specs), multi_label, stacking)
+
+
+def _check_every_label_has_a_voter(cfg: EnsembleConfig, specs: list[MemberSpec]) -> None:
+    """A canonical label no voting member has would get NaN scores (offline) and fail
+    requests (online): refuse it here instead."""
+    weighted = cfg.reducer.combine not in UNWEIGHTED_COMBINE
+    voters = [s for s, m in zip(specs, cfg.members, strict=True) if m.weight > 0 or not weighted]
+    covered = {
+        i for s in voters for i in (range(cfg.num_labels) if s.single_logit else s.label_index)
+    }
+    missing = [label for i, label in enumerate(cfg.labels or []) if i not in covered]
+    if missing:
+        who = "member" + (" with weight > 0" if weighted else "")
+        raise ConfigError(
+            f"labels: no {who} can vote for {missing}; give a member that has "
+            f"{'this label' if len(missing) == 1 else 'these labels'} a weight above 0, map "
+            "one onto it with label_map, or remove it from labels"
+        )
+
+
+@dataclass(frozen=True)
+class HostResources:
+    """One ensemble host: the members it holds and what each replica asks Ray for."""
+
+    members: tuple[str, ...]
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    min_replicas: int
+    max_replicas: int
+
+
+def _own_host(member: MemberConfig, on_gpu: bool) -> bool:
+    return member.own_host or (on_gpu and member.num_gpus >= 1)
+
+
+def plan_hosts(
+    cfg: EnsembleConfig,
+    cluster: dict,
+    max_node_cpus: float,
+    *,
+    cpu_fallback: bool,
+    colocate: bool = True,
+) -> list[HostResources]:
+    """Which members share a host, and each host's CPU, GPU and replica requests.
+
+    Members that fit on one device share a host: every CPU member, and GPU members whose
+    ``num_gpus`` add up to at most 1. A member with ``own_host: true`` or a GPU (or more)
+    of its own gets a host of its own; ``colocate=False`` gives every member its own.
+    Hosts without ``num_cpus`` share the CPUs evenly, leaving a little for the light
+    stages so the pipeline cannot deadlock on a small machine.
+
+    ``cpu_fallback``: with no GPU in the cluster, run GPU members on CPU (a Ray this
+    process started never grows GPUs); otherwise keep asking for GPUs, which an
+    autoscaling cluster adds.
+    """
+    total_cpus = float(cluster.get("CPU", 0))
+    has_gpu = float(cluster.get("GPU", 0)) > 0
+    gpu_members = [m.name for m in cfg.members if m.num_gpus > 0]
+    if gpu_members and not has_gpu:
+        if cpu_fallback:
+            logger.warning(
+                "members %s ask for GPUs but Ray has none; running them on CPU", gpu_members
+            )
+        else:
+            logger.warning(
+                "members %s ask for GPUs and the cluster has none yet: waiting for the "
+                "autoscaler to add GPU nodes",
+                gpu_members,
+            )
+            has_gpu = True
+    on_gpu = {m.name: m.num_gpus > 0 and has_gpu for m in cfg.members}
+    groups: list[list[MemberConfig]] = []
+    shared_cpu: list[MemberConfig] = []
+    shared_gpu: list[list[MemberConfig]] = []  # first fit, each at most one GPU
+    for m in cfg.members:
+        if not colocate or _own_host(m, on_gpu[m.name]):
+            groups.append([m])
+        elif on_gpu[m.name]:
+            fit = next(
+                (g for g in shared_gpu if sum(x.num_gpus for x in g) + m.num_gpus <= 1), None
+            )
+            if fit is None:
+                shared_gpu.append([m])
+            else:
+                fit.append(m)
+        else:
+            shared_cpu.append(m)
+    groups += shared_gpu + ([shared_cpu] if shared_cpu else [])
+    groups.sort(key=lambda g: min(cfg.members.index(m) for m in g))
+
+    def replicas(group: list[MemberConfig]) -> tuple[int, int]:
+        return max(m.replica_range[0] for m in group), max(m.replica_range[1] for m in group)
+
+    def fixed_cpus(group: list[MemberConfig]) -> float | None:
+        """The CPUs the group asks for, or None when they are shared out automatically."""
+        if all(m.num_cpus is not None for m in group):
+            return sum(m.num_cpus for m in group)  # type: ignore[misc]
+        if all(on_gpu[m.name] for m in group):
+            return sum(m.num_cpus or 1.0 for m in group)
+        return None
+
+    fixed = sum((fixed_cpus(g) or 0.0) * replicas(g)[1] for g in groups)
+    auto = sum(replicas(g)[1] for g in groups if fixed_cpus(g) is None)
+    spare = max(total_cpus - LIGHT_RESERVE_CPUS - fixed, LIGHT_TASK_CPUS)
+    share = min(spare / auto, max_node_cpus - LIGHT_RESERVE_CPUS) if auto else 1.0
+    share = max(round(share, 2), 0.1)
+    hosts = []
+    for group in groups:
+        cpus = fixed_cpus(group)
+        cpus = share if cpus is None else cpus
+        gpus = sum(m.num_gpus for m in group if on_gpu[m.name])
+        lo, hi = replicas(group)
+        hosts.append(
+            HostResources(
+                tuple(m.name for m in group), cpus, gpus, max(1, math.ceil(cpus - 1e-9)), lo, hi
+            )
+        )
+    return hosts
+
+
+def cluster_shape() -> tuple[dict, float]:
+    """The cluster's resources, and the most CPUs on one live node (Ray must be running)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    return ray.cluster_resources(), node_cpus
+
+
+def hosts_on_cluster(
+    cfg: EnsembleConfig, *, cpu_fallback: bool, colocate: bool = True
+) -> list[HostResources]:
+    """:func:`plan_hosts` on the running cluster, after checking that the GPU members fit
+    in their share of GPU memory (ConfigError otherwise)."""
+    from pipelines.placement import check_gpu_fit, cluster_gpus
+
+    cluster, node_cpus = cluster_shape()
+    if float(cluster.get("GPU", 0)) > 0:
+        check_gpu_fit(cfg, cluster_gpus())
+    return plan_hosts(cfg, cluster, node_cpus, cpu_fallback=cpu_fallback, colocate=colocate)
