@@ -63,6 +63,12 @@ ROWS_PER_FILE = 20_000
 PROGRESS_INTERVAL_S = 10.0
 
 
+# Ray Data merges a task's outputs into blocks up to this size. Small blocks keep rows
+# streaming from the reader through the hosts to the sink (its default, 128 MiB, would
+# hold a whole file in one block until its last row is scored).
+BLOCK_BYTES = 256 * 1024
+
+
 def window_rows(plan: EnsemblePlan) -> int:
     return WINDOW_BATCHES * max(m.batch_size for m in plan.config.members)
 
@@ -71,20 +77,19 @@ def window_rows(plan: EnsemblePlan) -> int:
 def job_data_context() -> Iterator[None]:
     """Ray Data settings for one job; the caller's are restored afterwards.
 
-    Windows stay in input order (so parts do too), and Ray Data's own progress dumps,
-    start banner and memory warnings give way to our one line per interval."""
+    Windows stay in input order (so parts do too), blocks stay small so rows stream, and
+    Ray Data's own progress dumps, start banner and memory warnings give way to our one
+    line per interval."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    names = (
-        "enable_progress_bars",
-        "print_on_execution_start",
-    )
+    names = ("enable_progress_bars", "print_on_execution_start", "target_max_block_size")
     saved = {n: getattr(ctx, n) for n in names}
     saved_order = ctx.execution_options.preserve_order
     saved_detectors = list(ctx.issue_detectors_config.detectors)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.execution_options.preserve_order = True
     ctx.issue_detectors_config.detectors = []
     try:
