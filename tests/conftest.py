@@ -12,16 +12,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
+def _start_ray():
     import ray
 
     # "local": never join a cluster another process started on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = _start_ray()
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def no_ray():
+    """For tests whose command starts a Ray of its own: two Ray instances on one machine
+    make Ray Train and Data misbehave, so the session's is stopped meanwhile."""
+    import ray
+
+    running = ray.is_initialized()
+    if running:
+        ray.shutdown()
+    yield
+    if running and not ray.is_initialized():
+        _start_ray()
 
 
 @pytest.fixture(scope="session")

@@ -246,7 +246,35 @@ def test_embedding_ensemble(ray_cluster, models, tmp_path):
     assert math.isclose(np.linalg.norm(out.column("embedding").to_pylist()[0]), 1.0, rel_tol=1e-5)
 
 
-def test_cli_scores_the_example(tmp_path):
+def test_malformed_records_become_error_rows_and_long_text_is_cut(ray_cluster, models, tmp_path):
+    texts = make_texts(20, seed=13, max_words=60)
+    lines = [json.dumps({"id": f"r{i}", "text": t}).encode() for i, t in enumerate(texts)]
+    bad = {
+        "surrogate": b'{"id": "surrogate", "text": "x \\udc00 y"}',
+        "deep": b"[" * 100_000 + b"]" * 100_000,
+        "bytes": b'{"id": "bytes", "text": "caf\xe9"}',
+    }
+    for pos, line in zip((2, 9, 15), bad.values(), strict=True):
+        lines.insert(pos, line)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    members = [{"name": "alpha", "model": str(models["alpha"])}]
+    plan = plan_for(models, tmp_path, members, input={"max_chars": 25})
+    summary = score(plan, path, tmp_path / "o")
+    out = read_output(tmp_path / "o")
+    assert out.num_rows == len(lines) == summary.rows and summary.errors == 3
+    rows = out.to_pylist()
+    assert "lone surrogate" in rows[2]["error"]
+    assert rows[9]["error"] == "line is nested too deeply to read as JSON"
+    assert rows[15]["error"].startswith("line is not valid UTF-8")
+    good = [r for r in rows if r["error"] is None]
+    assert [r["id"] for r in good] == [f"r{i}" for i in range(20)]
+    assert [r["text"] for r in good] == texts  # the output keeps the whole text
+    ref = canonical_probs(models["alpha"], [t[:25] for t in texts], LABELS)
+    np.testing.assert_allclose(np.array([r["probs"] for r in good]), ref, atol=1e-5)
+
+
+def test_cli_scores_the_example(no_ray, tmp_path):
     """The README's main command, as a user runs it: its own local Ray instance, exit 0."""
     import shutil
     import subprocess
