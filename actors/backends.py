@@ -100,12 +100,28 @@ class TokenizedBackend:
         self._encoder = TokenEncoder(tokenizer, max_length, keys)
         self.pad_token_id = self._encoder.pad_token_id
         # Backends whose keys are equal encode a text identically (see EnsembleHost).
-        self.tokenizer_key = (source, max_length, tuple(self._encoder.keys))
+        self.tokenizer_key = (
+            tokenizer_fingerprint(tokenizer, source),
+            max_length,
+            tuple(self._encoder.keys),
+        )
 
     def encode(
         self, texts: Sequence[str], pairs: Sequence[str] | None
     ) -> dict[str, list[list[int]]]:
         return self._encoder.encode(texts, pairs)
+
+
+def tokenizer_fingerprint(tokenizer: Any, source: str) -> str:
+    """Equal for tokenizers that split every text alike, wherever their files are (members
+    fine-tuned from one base model each keep a copy of its tokenizer)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: only its files tell it apart
+        return f"path:{source}"
+    state = f"{backend.to_str()}|{getattr(tokenizer, 'truncation_side', 'right')}"
+    return hashlib.sha256(state.encode()).hexdigest()
 
 
 def pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -9,14 +9,16 @@ different label orders). The text is of mixed lengths: mostly short, a long tail
 
 - naive loop: input order, batches of 64, `padding=True` (what a user writes first);
 - sorted loop: tokenise once, sort by length, batches of 64, no framework (the limit);
-- ray-ensemble: the real `score` pipeline into Parquet, on a local Ray instance.
+- ray-ensemble: the real `score` pipeline into Parquet, on a local Ray instance, in both
+  layouts for K > 1: every member in one ensemble host (colocated, the default) and one
+  host per member (`own_host: true`) with a stateless reduce step.
 
 Ray start-up is reported on its own. The pipeline's start-up (actors starting, models
 loading) is removed by also timing a 64-row run, after a warm-up run that pays for cold
 caches: throughput = (N - 64) / (T_N - T_64).
-Padding efficiency (real tokens / padded tokens) is counted over the windows the
-pipeline's own reader makes, with the member host's micro-batching and a backend that
-tokenises but skips the model.
+Padding efficiency (real tokens / padded tokens) is counted over the host's windows
+(consecutive rows, sorted by length inside each), with the member host's micro-batching
+and a backend that tokenises but skips the model.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
 
     from actors.member import MemberHost
     from pipelines.config import config_from_dict
-    from pipelines.offline import plan_ensemble, read_windows
+    from pipelines.offline import window_rows
+    from pipelines.plan import plan_ensemble
 
     model_dir = members[0]["model"]
 
@@ -191,18 +194,20 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
     if data is None:  # the naive loop: input order, batches of 64
         for i in range(0, len(texts), BATCH):
             host.infer(texts[i : i + BATCH])
-    else:
-        for window in read_windows(plan, data).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
-            host(window)
+    else:  # the host's windows: consecutive rows in input order, sorted inside each
+        size = window_rows(plan)
+        for i in range(0, len(texts), size):
+            host.infer(texts[i : i + size])
     return host.padding_efficiency
 
 
-def ray_score(members: list[dict], data: Path, out: Path) -> float:
+def ray_score(members: list[dict], data: Path, out: Path, layout: str = "colocated") -> float:
     from pipelines.config import config_from_dict
-    from pipelines.offline import plan_ensemble, score
+    from pipelines.offline import score
+    from pipelines.plan import plan_ensemble
 
+    if layout == "per_member":
+        members = [{**m, "own_host": True} for m in members]
     cfg = config_from_dict(
         {"name": "bench", "labels": ["negative", "positive"], "members": members}, base_dir=ROOT
     )
@@ -224,6 +229,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--num-gpus", type=float, default=0, help="GPUs per member (0: CPU); plain loops on cuda"
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["colocated", "per_member"],
+        choices=["colocated", "per_member"],
+        help="K>1: all members in one host, and/or one host per member (own_host)",
     )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -270,34 +282,40 @@ def main() -> None:
     results["padding_efficiency"]["ray_ensemble"] = padding_efficiency(members, texts, data)
     print(f"padding efficiency: {results['padding_efficiency']}", flush=True)
     for k in args.members:
-        # The first run pays for cold caches (worker processes, imports, weights from disk).
-        ray_score(members[:k], small, work / "out-small")
-        t_small = ray_score(members[:k], small, work / "out-small")
-        t_full = ray_score(members[:k], data, work / "out")
         r = results["k"][k]
-        r.update(ray_total_s=t_full, ray_small_s=t_small, ray_steady_s=t_full - t_small)
-        r["rows_per_s"] = {
-            "naive": args.rows / r["naive_s"],
-            "sorted": args.rows / r["sorted_s"],
-            "ray_ensemble": (args.rows - 64) / r["ray_steady_s"],
-            "ray_ensemble_end_to_end": args.rows / t_full,
-        }
-        r["ratio_vs_sorted"] = r["rows_per_s"]["ray_ensemble"] / r["rows_per_s"]["sorted"]
-        r["ratio_vs_naive"] = r["rows_per_s"]["ray_ensemble"] / r["rows_per_s"]["naive"]
-        r["sorted_vs_naive"] = r["rows_per_s"]["sorted"] / r["rows_per_s"]["naive"]
-        print(f"K={k} ray-ensemble: {json.dumps(r)}", flush=True)
+        r["rows_per_s"] = {"naive": args.rows / r["naive_s"], "sorted": args.rows / r["sorted_s"]}
+        r["layouts"] = {}
+        # With one member both layouts are one host; with several, measure both.
+        for layout in args.layouts if k > 1 else ["colocated"]:
+            # The first run pays for cold caches (worker processes, imports, weights).
+            ray_score(members[:k], small, work / "out-small", layout)
+            t_small = ray_score(members[:k], small, work / "out-small", layout)
+            t_full = ray_score(members[:k], data, work / "out", layout)
+            steady = (args.rows - 64) / (t_full - t_small)
+            r["layouts"][layout] = {
+                "total_s": t_full,
+                "small_s": t_small,
+                "rows_per_s": steady,
+                "end_to_end_rows_per_s": args.rows / t_full,
+                "vs_sorted": steady / r["rows_per_s"]["sorted"],
+                "vs_naive": steady / r["rows_per_s"]["naive"],
+            }
+            print(f"K={k} {layout}: {json.dumps(r['layouts'][layout])}", flush=True)
     ray.shutdown()
 
     print(
-        "\n| K | naive loop rows/s | sorted loop rows/s | ray-ensemble rows/s | vs sorted | vs naive | end-to-end rows/s (incl. actor start) |"
+        "\n| K | layout | naive loop rows/s | sorted loop rows/s | ray-ensemble rows/s | vs sorted "
+        "| vs naive | end-to-end rows/s (incl. actor start) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for k, r in results["k"].items():
         rp = r["rows_per_s"]
-        print(
-            f"| {k} | {rp['naive']:.1f} | {rp['sorted']:.1f} | {rp['ray_ensemble']:.1f} | "
-            f"{r['ratio_vs_sorted']:.2f}x | {r['ratio_vs_naive']:.2f}x | {rp['ray_ensemble_end_to_end']:.1f} |"
-        )
+        for layout, lr in r["layouts"].items():
+            print(
+                f"| {k} | {layout} | {rp['naive']:.1f} | {rp['sorted']:.1f} | "
+                f"{lr['rows_per_s']:.1f} | {lr['vs_sorted']:.2f}x | {lr['vs_naive']:.2f}x | "
+                f"{lr['end_to_end_rows_per_s']:.1f} |"
+            )
     pe = results["padding_efficiency"]
     print(
         f"\npadding efficiency: ray-ensemble {pe['ray_ensemble']:.3f}, naive loop {pe['naive']:.3f}"

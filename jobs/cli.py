@@ -35,6 +35,8 @@ def _setup_logging() -> None:
             log.addHandler(handler)
         log.propagate = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # It warns that the bars are off, which we do on purpose for the line above.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 class _Parser(argparse.ArgumentParser):
