@@ -379,10 +379,10 @@ def _fit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     plan = plan_ensemble(cfg)
-    check_labelled_input(plan, args.input, args.label_column, "fit")
+    inputs = check_labelled_input(plan, args.input, args.label_column, "fit")
     with _ray(args.address, args.num_cpus):
         data = collect_member_outputs(
-            plan, args.input, args.label_column, cpu_fallback=_local(args.address)
+            plan, inputs, args.label_column, cpu_fallback=_local(args.address)
         )
     result = fit_ensemble(plan, data, args.combine)
     out = write_fitted_config(args.config, args.output, cfg, result)

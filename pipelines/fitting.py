@@ -33,6 +33,7 @@ from actors.reducer import (
 from pipelines.config import ConfigError, EnsembleConfig, load_config
 from pipelines.io import (
     InputError,
+    InputFiles,
     check_input,
     list_input_files,
     peek_columns,
@@ -95,18 +96,17 @@ def label_indices(values: list, labels: list[str], label_column: str) -> np.ndar
 
 def check_labelled_input(
     plan: EnsemblePlan, input_path: str | Path, label_column: str, command: str
-) -> np.ndarray:
-    """Check the ensemble, the input and its labels before Ray starts; the label index of
-    every row."""
+) -> InputFiles:
+    """Check the ensemble, the input and its labels before Ray starts; the checked files."""
     check_single_label(plan, command)
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
     require_column(files[0], fmt, columns, label_column, "--label-column")
-    check_input(plan.config, input_path, allow=(label_column,))
+    inputs = check_input(plan.config, input_path, allow=(label_column,))
     y = label_indices(read_column(files, fmt, label_column), plan.config.labels, label_column)
     if not (y >= 0).any():
         raise InputError(f"--label-column {label_column}: no row has a label")
-    return y
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -120,16 +120,23 @@ class LabelledOutputs:
 
 
 def collect_member_outputs(
-    plan: EnsemblePlan, input_path: str | Path, label_column: str, *, cpu_fallback: bool = True
+    plan: EnsemblePlan,
+    inputs: InputFiles | str | Path,
+    label_column: str,
+    *,
+    cpu_fallback: bool = True,
 ) -> LabelledOutputs:
-    """Run the members over a labelled set (Ray must be running) and gather their logits."""
+    """Run the members over a labelled set (Ray must be running) and gather their logits.
+
+    ``inputs``: the files :func:`check_labelled_input` checked, or a path to check."""
     from pipelines.offline import build_dataset, job_data_context
     from pipelines.plan import hosts_on_cluster
 
     check_single_label(plan, "fit")
     cfg = plan.config
     names = [m.name for m in cfg.members]
-    inputs = check_input(cfg, input_path, allow=(label_column,))
+    if not isinstance(inputs, InputFiles):
+        inputs = check_input(cfg, inputs, allow=(label_column,))
     hosts = hosts_on_cluster(cfg, cpu_fallback=cpu_fallback)
     keep = [label_column, "error", *(member_output_column(n) for n in names)]
     ys: list = []

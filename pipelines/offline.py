@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 # Rows per host call: enough micro-batches that sorting them by length leaves little
 # padding, few enough that every replica has work on a small job.
-WINDOW_BATCHES = 16
+WINDOW_BATCHES = 32
 ROWS_PER_FILE = 20_000
 PROGRESS_INTERVAL_S = 10.0
 
