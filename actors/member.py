@@ -22,7 +22,14 @@ from actors.backends import TOKEN_INPUTS, TokenizedBackend
 from actors.loading import MemberSpec, load_hf_model, pick_device
 from actors.reducer import align_logits
 
-__all__ = ["HFBackend", "MemberBackend", "MemberHost", "make_backend", "member_output_column"]
+__all__ = [
+    "BACKENDS",
+    "HFBackend",
+    "MemberBackend",
+    "MemberHost",
+    "make_backend",
+    "member_output_column",
+]
 
 
 class MemberBackend(Protocol):
@@ -81,20 +88,33 @@ class HFBackend(TokenizedBackend):
             return out.logits.float().cpu().numpy()
 
 
+def _hf(member: Any, task: str, device: str, threads: int | None) -> MemberBackend:
+    return HFBackend(member, task, device)
+
+
+def _torch(member: Any, task: str, device: str, threads: int | None) -> MemberBackend:
+    from actors.backends import TorchModuleBackend
+
+    return TorchModuleBackend(member, task, device)
+
+
+def _onnx(member: Any, task: str, device: str, threads: int | None) -> MemberBackend:
+    from actors.backends import OnnxBackend
+
+    return OnnxBackend(member, task, device, threads)
+
+
+# The one place the backends are named (the config key `backend` takes these): a new one
+# is a MemberBackend class and an entry here.
+BACKENDS = {"hf": _hf, "torch": _torch, "onnx": _onnx}
+
+
 def make_backend(member: Any, task: str, device: str, threads: int | None = None) -> MemberBackend:
     """The member's model, loaded on ``device``, behind the one backend interface."""
     from actors.loading import import_member_modules
 
     import_member_modules(member)
-    if member.backend == "torch":
-        from actors.backends import TorchModuleBackend
-
-        return TorchModuleBackend(member, task, device)
-    if member.backend == "onnx":
-        from actors.backends import OnnxBackend
-
-        return OnnxBackend(member, task, device, threads)
-    return HFBackend(member, task, device)
+    return BACKENDS[member.backend](member, task, device, threads)
 
 
 def member_output_column(name: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from actors.member import BACKENDS
 from actors.reducer import CLASSIFICATION_COMBINE, EMBEDDING_COMBINE
 
 __all__ = [
@@ -166,11 +167,19 @@ class MemberConfig(_Strict):
     train: TrainConfig | None = Field(
         None, description="Fine-tuning settings used by `ray-ensemble train`."
     )
-    backend: Literal["hf", "torch", "onnx"] = Field(
+    backend: str = Field(
         "hf",
         description="hf: a transformers model directory or hub id; torch: a plain nn.Module "
         "(`module`) with safetensors weights; onnx: an ONNX file run with onnxruntime.",
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"'{value}' is not a backend; use one of {list(BACKENDS)}")
+        return value
+
     # `register` would shadow BaseModel.register (from ABCMeta); the key users write is it.
     register_modules: list[str] = Field(
         default_factory=list,

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from actors.host import EnsembleHost, reduce_batch
 from pipelines.io import InputDatasource, InputFiles, check_input
 from pipelines.output import (
     PUBLISH_FILE,
+    SUCCESS,
     OutputJob,
     StagedParquetSink,
     finish_publish,
@@ -315,10 +317,6 @@ def run_job(
 
 
 def _read_success(out: OutputJob) -> dict:
-    import json
-
-    from pipelines.output import SUCCESS
-
     return json.loads((out.out / SUCCESS).read_text())
 
 

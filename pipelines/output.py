@@ -147,6 +147,11 @@ def prepare_output(
                 old = json.loads((staging / JOB_FILE).read_text())
             except (OSError, ValueError):
                 old = None
+            if old is None and any(staging.glob(PART_GLOB)):
+                raise InputError(
+                    f"--resume: {staging} holds parts but no readable {JOB_FILE}, so it is not "
+                    "known which job they belong to; start over with --overwrite"
+                )
             if old is not None and old.get("job") != job:
                 raise InputError(
                     f"--resume: {_differences(old.get('job', {}), job)}, so it cannot continue "
@@ -154,6 +159,8 @@ def prepare_output(
                     "with --overwrite"
                 )
             if old is not None:
+                for tmp in staging.rglob(".tmp-*"):  # writes the interrupted run never committed
+                    tmp.unlink()
                 return OutputJob(out, staging, job, resume=True)
         elif (out / SUCCESS).is_file():
             try:
