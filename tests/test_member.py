@@ -140,3 +140,32 @@ def test_dtype_is_applied(models, tmp_path, dtype):
     host = make_host(models, "alpha", tmp_path, dtype=dtype)
     assert next(host.backend.model.parameters()).dtype == getattr(torch, dtype)
     assert np.isfinite(host.infer(["good"])).all()
+
+
+def test_ensemble_host_tokenises_once_per_tokenizer(models, tmp_path):
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "labels": ["negative", "positive"],
+            "members": [
+                {"name": "alpha", "model": str(models["alpha"]), "batch_size": 8},
+                {"name": "beta", "model": str(models["beta"])},
+                {
+                    "name": "gamma",
+                    "model": str(models["gamma"]),
+                    "label_map": {"LABEL_0": "negative", "LABEL_1": "positive"},
+                },
+            ],
+        },
+        base_dir=tmp_path,
+    )
+    host = EnsembleHost(plan=plan_ensemble(cfg), reduce=False)
+    # alpha and gamma are BERTs with one tokenizer (in two folders); beta, a DistilBERT,
+    # takes no token_type_ids: two tokenizer calls per window, not three.
+    assert sorted(host.groups.values()) == [[0, 2], [1]]
+    texts = make_texts(50, seed=4, max_words=40)
+    got = host.infer(texts)
+    for member, values in zip(host.members, got, strict=True):
+        np.testing.assert_allclose(values, member.infer(texts), atol=1e-6)
+    expected = plain_logits(models["beta"], texts)[:, ::-1]
+    np.testing.assert_allclose(got[1], expected, atol=1e-5, rtol=1e-4)
