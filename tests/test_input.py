@@ -233,3 +233,32 @@ def test_commit_verify_publish_and_the_flags(job, tmp_path):
     again = prepare_output(out, path, config, inputs, overwrite=True)
     assert (out / SUCCESS).is_file() and len(list(out.glob("*.parquet"))) == 2
     shutil.rmtree(again.staging)
+
+
+def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
+    from actors.loading import MemberSpec
+    from pipelines.offline import ScoreJob, run_job
+    from pipelines.output import PUBLISH_FILE
+    from pipelines.plan import EnsemblePlan
+
+    path, config, inputs = job
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"an old output")
+    first = prepare_output(out, path, config, inputs, overwrite=True)
+    (first.counts_dir / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
+    write_parts(first, inputs, [0, 1, 2])
+    write_parts(first, inputs, [3, 4, 5])
+    success = verify(first, inputs)
+    # The driver dies after recording the publish and moving one part, before _SUCCESS.
+    (first.staging / PUBLISH_FILE).write_text(json.dumps(success))
+    moved = success["parts"][0]
+    (first.staging / moved).rename(out / moved)
+    assert not (out / SUCCESS).exists()
+
+    resumed = prepare_output(out, path, config, inputs, resume=True)
+    spec = MemberSpec("a", (0, 1), False, False, ("negative", "positive"), None)
+    summary = run_job(ScoreJob(EnsemblePlan(config, (spec,), False), inputs, resumed))
+    assert (summary.rows, summary.errors, summary.files) == (6, 0, 2)
+    assert sorted(p.name for p in out.iterdir()) == sorted([SUCCESS, *success["parts"]])
+    assert pq.read_table(out).column("id").to_pylist() == [f"x{i}" for i in range(6)]
