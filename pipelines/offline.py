@@ -238,13 +238,14 @@ def _progress_log(total: int | None, done: int, interval_s: float) -> Iterator[A
             took = time.perf_counter() - started
             rate = rows / took if took > 0 else 0.0
             if total:
-                left = max(total - done - rows, 0)
-                eta = f", about {left / rate:.0f}s left" if rate > 0 else ""
+                # Windows a restarted host scores again count twice here; never show > 100%.
+                shown = min(done + rows, total)
+                eta = f", about {(total - shown) / rate:.0f}s left" if rate > 0 else ""
                 logger.info(
                     "score: %s of %s rows (%.1f%%), %.0f rows/s%s",
-                    f"{done + rows:,}",
+                    f"{shown:,}",
                     f"{total:,}",
-                    100 * (done + rows) / total,
+                    100 * shown / total,
                     rate,
                     eta,
                 )
