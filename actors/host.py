@@ -100,10 +100,6 @@ class EnsembleHost:
         for i, member in enumerate(self.members):
             self.groups.setdefault(member.tokenizer_key, []).append(i)
 
-    @property
-    def member_names(self) -> list[str]:
-        return [m.member.name for m in self.members]
-
     def cut(self, texts: pa.Array) -> pa.Array:
         """Text cut to ``input.max_chars``: tokens past ``max_length`` are dropped anyway,
         and a giant row then cannot blow up a member's memory."""

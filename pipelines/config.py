@@ -14,11 +14,20 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.member import BACKENDS
 from actors.reducer import CLASSIFICATION_COMBINE, EMBEDDING_COMBINE
@@ -36,6 +45,22 @@ __all__ = [
 ]
 
 COMBINE_METHODS = tuple(dict.fromkeys(CLASSIFICATION_COMBINE + EMBEDDING_COMBINE))
+
+
+def _one_of(names: Iterable[str], what: str) -> Any:
+    """A string type that takes only ``names`` (a registry's keys), saying so when not."""
+    allowed = tuple(names)
+
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"'{value}' is not {what}; use one of {list(allowed)}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+BackendName = _one_of(BACKENDS, "a backend")
+CombineName = _one_of(COMBINE_METHODS, "a combination")
 
 # Columns the scorer writes; an input column with one of these names would be overwritten.
 OUTPUT_COLUMNS = ("label", "score", "probs", "agreement", "entropy", "error", "embedding")
@@ -167,18 +192,11 @@ class MemberConfig(_Strict):
     train: TrainConfig | None = Field(
         None, description="Fine-tuning settings used by `ray-ensemble train`."
     )
-    backend: str = Field(
+    backend: BackendName = Field(
         "hf",
         description="hf: a transformers model directory or hub id; torch: a plain nn.Module "
         "(`module`) with safetensors weights; onnx: an ONNX file run with onnxruntime.",
     )
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"'{value}' is not a backend; use one of {list(BACKENDS)}")
-        return value
 
     # `register` would shadow BaseModel.register (from ABCMeta); the key users write is it.
     register_modules: list[str] = Field(
@@ -256,20 +274,13 @@ class MemberConfig(_Strict):
 class ReducerConfig(_Strict):
     """How the members' outputs are combined."""
 
-    combine: str = Field(
+    combine: CombineName = Field(
         None,  # type: ignore[assignment]  # filled per task below
         description=f"classification: {' | '.join(CLASSIFICATION_COMBINE)}; embedding: "
         f"{' | '.join(EMBEDDING_COMBINE)}. Default: weighted_mean (classification), mean "
         "(embedding).",
     )
     output_members: bool = Field(True, description="Also write each member's distribution.")
-
-    @field_validator("combine")
-    @classmethod
-    def _known_combine(cls, value: str) -> str:
-        if value not in COMBINE_METHODS:
-            raise ValueError(f"'{value}' is not a combination; use one of {list(COMBINE_METHODS)}")
-        return value
 
     stacking: str | None = Field(
         None,

@@ -25,7 +25,14 @@ from actors.reducer import UNWEIGHTED_COMBINE
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 from pipelines.stacking import StackingModel
 
-__all__ = ["EnsemblePlan", "HostResources", "cluster_shape", "plan_ensemble", "plan_hosts"]
+__all__ = [
+    "EnsemblePlan",
+    "HostResources",
+    "cluster_shape",
+    "hosts_on_cluster",
+    "plan_ensemble",
+    "plan_hosts",
+]
 
 logger = logging.getLogger(__name__)
 
