@@ -21,7 +21,8 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,9 +35,20 @@ from actors.reducer import combine_embeddings, l2_normalise, reduce_classificati
 if TYPE_CHECKING:
     from pipelines.plan import EnsemblePlan
 
-__all__ = ["LABELS_METADATA_KEY", "EnsembleHost", "member_outputs", "reduce_batch"]
+__all__ = [
+    "LABELS_METADATA_KEY",
+    "EnsembleHost",
+    "UnscorableText",
+    "member_outputs",
+    "reduce_batch",
+]
 
 LABELS_METADATA_KEY = b"ray_ensemble.labels"
+
+
+class UnscorableText(ValueError):
+    """A member's tokenizer refused the texts (a lone surrogate, say): the caller's
+    input is at fault, not the host, so online this is the request's 422."""
 
 
 class EnsembleHost:
@@ -47,6 +59,7 @@ class EnsembleHost:
     adds their ``__member__<name>`` columns and a later stateless step reduces.
     ``progress``: an actor handle whose ``add.remote(rows)`` is told of each window.
     ``backends``: ready member backends by name (tests run the host without weights).
+    ``observe``: called with (member name, seconds) after each member's forward pass.
     """
 
     def __init__(
@@ -59,6 +72,7 @@ class EnsembleHost:
         threads: int | None = None,
         progress: Any = None,
         backends: dict[str, MemberBackend] | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         import torch
 
@@ -79,6 +93,7 @@ class EnsembleHost:
         self.pair_column = cfg.input.text_pair_column
         self.max_chars = cfg.input.max_chars
         self.progress = progress
+        self.observe = observe
         specs = {s.name: s for s in plan.specs}
         by_name = {m.name: m for m in cfg.members}
         backends = backends or {}
@@ -111,9 +126,17 @@ class EnsembleHost:
         """Each member's outputs for valid, already cut texts, in member order."""
         outputs: list[np.ndarray] = [np.empty(0)] * len(self.members)
         for indices in self.groups.values():
-            encoded = self.members[indices[0]].encode(texts, pairs) if texts else {"input_ids": []}
+            try:
+                encoded = (
+                    self.members[indices[0]].encode(texts, pairs) if texts else {"input_ids": []}
+                )
+            except Exception as exc:
+                raise UnscorableText(f"{type(exc).__name__}: {exc}") from exc
             for i in indices:
+                started = time.perf_counter()
                 outputs[i] = self.members[i].run_encoded(encoded)
+                if self.observe is not None:
+                    self.observe(self.members[i].member.name, time.perf_counter() - started)
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:

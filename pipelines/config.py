@@ -317,7 +317,21 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(
         30.0, gt=0, description="A request not answered in time gets a 503."
     )
-    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress.")
+    replicas: int | Replicas = Field(
+        1,
+        description="Replicas of the endpoint, each holding the members that share a host: "
+        "a number, or {min, max} to autoscale.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "ingress_replicas" in data:
+            raise ValueError(
+                "serve.ingress_replicas is now serve.replicas: the endpoint's replicas hold "
+                "the members too (a number, or {min, max} to autoscale)"
+            )
+        return data
 
 
 class EnsembleConfig(_Strict):

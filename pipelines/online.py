@@ -1,8 +1,11 @@
-"""Online scoring on Ray Serve: one deployment per member, one HTTP ingress that fans out.
+"""Online scoring on Ray Serve, in one hop: proxy → a replica of the ensemble host.
 
-Members batch requests dynamically (``@serve.batch``); the ingress validates the
-request, calls every member concurrently and reduces with the same ``reduce_batch`` as
-the offline pipeline, so the same text gets the same answer online and offline.
+The deployment that takes the HTTP request (FastAPI on the same class) holds the
+members that share a host (every CPU member; GPU members whose fractions fit on one
+GPU). It batches across requests with ``@serve.batch`` at the ensemble level, so a
+batch runs each member's forward once and one reduce, the same ``reduce_batch`` as the
+offline pipeline. Only members that need a device of their own (``own_host: true``,
+whole GPUs) live in deployments of their own, called through handles.
 
 Example::
 
@@ -21,8 +24,10 @@ with the argument ``config`` (see ``ray-ensemble serve-config``).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
-import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,15 +38,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
-from actors.host import reduce_batch
-from actors.member import MemberHost, member_output_column
+from actors.host import EnsembleHost, UnscorableText, reduce_batch
+from actors.member import member_output_column
 from actors.reducer import member_top
+from pipelines.config import EnsembleConfig
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
-__all__ = ["Ingress", "MemberServer", "app_builder", "build_app"]
+__all__ = ["EnsembleServer", "HostServer", "app_builder", "build_app"]
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+# Handle options for calls to members on hosts of their own (see docs/benchmarks.md).
+HANDLE_OPTIONS: dict[str, Any] = {"_prefer_local_routing": True}
 
 
 class PairInput(BaseModel):
@@ -61,8 +73,16 @@ class PredictRequest(BaseModel):
     )
 
 
+class ErrorResponse(JSONResponse):
+    """``{"error", "type"}``, ASCII-escaped: a message may quote a client's key or text,
+    and a lone surrogate in it must not turn a 4xx into a 500 while encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": message, "type": kind}, status_code=status)
+    return ErrorResponse({"error": message, "type": kind}, status_code=status)
 
 
 def _loc(loc: tuple) -> str:
@@ -87,8 +107,8 @@ def _chunk_texts(chunks: list[Chunk]) -> int:
     return sum(len(texts) for texts, _ in chunks)
 
 
-def _bundle_texts(bundles: list[list[Chunk]]) -> int:
-    return sum(_chunk_texts(bundle) for bundle in bundles)
+def _call_texts(calls: list[list[Chunk]]) -> int:
+    return sum(_chunk_texts(call) for call in calls)
 
 
 class Linger:
@@ -113,86 +133,94 @@ class Linger:
             self.in_flight -= 1
 
 
-class MemberServer:
-    """A member as a Serve deployment: the offline MemberHost behind ``@serve.batch``.
+def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+    """Each chunk's outputs, one array per member of ``host``, in one pass per kind.
 
-    Each call carries a bundle of chunks from one ingress batch; the batch size counts
-    texts, not calls.
+    Chunks with and without a text pair cannot share one tokenizer call."""
+    results: list[list[np.ndarray]] = [[] for _ in chunks]
+    for with_pair in (False, True):
+        idx = [i for i, (_, pairs) in enumerate(chunks) if (pairs is not None) == with_pair]
+        if not idx:
+            continue
+        texts = [t for i in idx for t in chunks[i][0]]
+        pairs = [p for i in idx for p in chunks[i][1]] if with_pair else None  # type: ignore[union-attr]
+        # Cut as the offline host cuts (code points), for the same answer both ways.
+        cut = host.max_chars
+        outputs = host.infer([t[:cut] for t in texts], [p[:cut] for p in pairs] if pairs else None)
+        start = 0
+        for i in idx:
+            end = start + len(chunks[i][0])
+            results[i] = [out[start:end] for out in outputs]
+            start = end
+    return results
+
+
+def _member_latency() -> Any:
+    from ray.util import metrics
+
+    return metrics.Histogram(
+        "ensemble_member_forward_s",
+        description="Seconds per member forward pass inside an ensemble host.",
+        boundaries=LATENCY_BOUNDARIES,
+        tag_keys=("member",),
+    )
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Ray's own failures (a replica gone, a queue full, a timeout), not the input's."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return isinstance(
+        exc,
+        (RayActorError, BackPressureError, DeploymentUnavailableError, asyncio.TimeoutError),
+    )
+
+
+class HostServer:
+    """Members with a device of their own, as a deployment the ensemble replica calls.
+
+    Each call carries the chunks of one ensemble batch; its own ``@serve.batch`` merges
+    the calls of several ensemble replicas, counting texts, not calls.
     """
 
     def __init__(
         self,
         *,
-        member: Any,
-        spec: Any,
-        task: str,
-        num_labels: int,
+        plan: EnsemblePlan,
+        members: tuple[str, ...],
+        num_gpus: float,
         threads: int,
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        from ray.util import metrics
-
-        self.name = member.name
-        self.host = MemberHost(
-            member=member,
-            spec=spec,
-            task=task,
-            num_labels=num_labels,
-            text_column="text",
+        latency = _member_latency()
+        self.host = EnsembleHost(
+            plan=plan,
+            members=members,
+            reduce=False,
+            num_gpus=num_gpus,
             threads=threads,
+            observe=lambda name, s: latency.observe(s, tags={"member": name}),
         )
         self.linger = Linger(self._batched, max_batch_size, batch_wait_timeout_s)
-        self.latency = metrics.Histogram(
-            "ensemble_member_latency_s",
-            description="Seconds per member forward batch.",
-            boundaries=LATENCY_BOUNDARIES,
-            tag_keys=("member",),
-        )
-        self.batch_size = metrics.Histogram(
-            "ensemble_member_batch_size",
-            description="Texts per member forward batch.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-            tag_keys=("member",),
-        )
-        self.latency.set_default_tags({"member": self.name})
-        self.batch_size.set_default_tags({"member": self.name})
 
     async def ready(self) -> bool:
         return True
 
-    def _run(self, chunks: list[Chunk]) -> list[np.ndarray]:
-        started = time.perf_counter()
-        results: list[np.ndarray] = [np.empty(0)] * len(chunks)
-        # Calls with and without a text pair cannot share one tokenizer call.
-        for with_pair in (False, True):
-            idx = [i for i, (_, pairs) in enumerate(chunks) if (pairs is not None) == with_pair]
-            if not idx:
-                continue
-            texts = [t for i in idx for t in chunks[i][0]]
-            pairs = [p for i in idx for p in chunks[i][1]] if with_pair else None
-            out = self.host.infer(texts, pairs)
-            start = 0
-            for i in idx:
-                results[i] = out[start : start + len(chunks[i][0])]
-                start += len(chunks[i][0])
-        self.latency.observe(time.perf_counter() - started)
-        self.batch_size.observe(sum(len(c[0]) for c in chunks))
-        return results
+    async def infer(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
+        """The chunks of one ensemble batch in; per chunk, one array per member out."""
+        return await self.linger.call(chunks)
 
-    async def predict(self, bundle: list[Chunk]) -> list[np.ndarray]:
-        """A bundle of chunks (one ingress batch) in; one array of outputs per chunk out."""
-        return await self.linger.call(bundle)
-
-    @serve.batch(batch_size_fn=_bundle_texts)
-    async def _batched(self, bundles: list[list[Chunk]]) -> list[list[np.ndarray]]:
-        flat = [chunk for bundle in bundles for chunk in bundle]
-        # Off the event loop, so health checks and new requests are taken meanwhile.
-        out = await asyncio.to_thread(self._run, flat)
+    @serve.batch(batch_size_fn=_call_texts)
+    async def _batched(self, calls: list[list[Chunk]]) -> list[list[list[np.ndarray]]]:
+        flat = [chunk for call in calls for chunk in call]
+        # Off the event loop, so health checks and new calls are taken meanwhile.
+        out = await asyncio.to_thread(run_chunks, self.host, flat)
         answers, start = [], 0
-        for bundle in bundles:
-            answers.append(out[start : start + len(bundle)])
-            start += len(bundle)
+        for call in calls:
+            answers.append(out[start : start + len(call)])
+            start += len(call)
         return answers
 
 
@@ -213,55 +241,119 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if "str" in loc and isinstance(item.get("input"), dict):
             continue
         msg = item["msg"]
-        if "str" in loc:
+        if item.get("type") == "string_unicode":  # a key or value pydantic cannot read
+            msg = "a key or text holds a lone surrogate (not valid Unicode); send valid Unicode"
+        elif "str" in loc:
             msg = 'expected a string or an object {"text": ..., "text_pair": ...}'
         return error_response(422, f"{_loc(loc)}: {msg}", "invalid_input")
     return error_response(422, "invalid body", "invalid_input")
 
 
-class Ingress:
-    """The HTTP front: validation, admission, fan-out, reduction."""
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # FastAPI answers a body it cannot parse at all (json.loads hitting its recursion
+    # limit on deep nesting, say) with a bare 400 {"detail"}: keep to our error format.
+    if exc.status_code == 400:
+        return error_response(
+            422, "body is not valid JSON, or is nested too deeply to read", "invalid_json"
+        )
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), kind)
 
-    def __init__(self, plan: EnsemblePlan, members: list[DeploymentHandle]) -> None:
+
+def _bad_text(text: str) -> str | None:
+    """Why a text cannot be tokenised, when it is plain to see."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+            f"{exc.start}; send valid Unicode"
+        )
+    return None
+
+
+class EnsembleServer:
+    """The HTTP endpoint and the shared ensemble host, in one replica.
+
+    ``local``: the members this replica holds; ``remote``: handles to the hosts of the
+    members with a device of their own, and the members each holds.
+    """
+
+    def __init__(
+        self,
+        plan: EnsemblePlan,
+        *,
+        local: tuple[str, ...],
+        remote: list[tuple[tuple[str, ...], DeploymentHandle]],
+        num_gpus: float,
+        threads: int,
+        handle_options: dict[str, Any] | None = None,
+    ) -> None:
         from ray.util import metrics
 
         self.plan = plan
         self.cfg = plan.config
         self.limits = plan.config.serve
-        self.handles = dict(zip((m.name for m in plan.config.members), members, strict=True))
-        self.active = 0
+        self.latency = _member_latency()
+        self.host = (
+            EnsembleHost(
+                plan=plan,
+                members=local,
+                reduce=False,
+                num_gpus=num_gpus,
+                threads=threads,
+                observe=lambda name, s: self.latency.observe(s, tags={"member": name}),
+            )
+            if local
+            else None
+        )
+        self.local = local
+        options = HANDLE_OPTIONS if handle_options is None else handle_options
+        self.remote = [(names, handle.options(**options)) for names, handle in remote]
         self.waiting = 0
         self.slots = asyncio.Semaphore(self.limits.max_ongoing_requests)
-        app.state.max_body_bytes = self.limits.max_body_bytes  # read by _limit_body
+        app.state.max_body_bytes = self.limits.max_body_bytes  # read by _BodyLimit
         self.linger = Linger(
-            self._gather, self.limits.max_batch_size, self.limits.batch_wait_timeout_s
+            self._batched, self.limits.max_batch_size, self.limits.batch_wait_timeout_s
         )
         self.agreement = metrics.Histogram(
             "ensemble_agreement",
             description="Agreement of the members with the ensemble label, per prediction.",
             boundaries=[0.001, 0.25, 0.5, 0.75, 0.999],
         )
-        self.requests = metrics.Counter(
-            "ensemble_requests_total",
-            description="Predict requests by HTTP status.",
-            tag_keys=("status",),
+        self.rows = metrics.Counter(
+            "ensemble_rows_total", description="Texts scored (classification)."
+        )
+        self.disagreed = metrics.Counter(
+            "ensemble_disagreed_rows_total",
+            description="Texts where some voting member's top label differs from the "
+            "ensemble's; divide by ensemble_rows_total for the share.",
         )
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 once every member has loaded its model, 503 before."""
+        """200 once every member has loaded its model, 503 before.
+
+        This replica's own members are loaded before it takes any request."""
 
         async def ready(handle: DeploymentHandle) -> bool:
             try:
-                return await asyncio.wait_for(handle.ready.remote(), timeout=1.0)
+                return await asyncio.wait_for(
+                    handle.options(method_name="ready").remote(), timeout=1.0
+                )
             except Exception:  # not started yet, still loading, or gone
                 return False
 
-        states = await asyncio.gather(*(ready(h) for h in self.handles.values()))
-        waiting = [name for name, ok in zip(self.handles, states, strict=True) if not ok]
+        states = await asyncio.gather(*(ready(h) for _, h in self.remote))
+        waiting = [
+            m for (names, _), ok in zip(self.remote, states, strict=True) if not ok for m in names
+        ]
         if waiting:
             return error_response(503, f"members not ready: {waiting}", "not_ready")
-        return JSONResponse({"status": "ok", "members": list(self.handles)})
+        return JSONResponse({"status": "ok", "members": [m.name for m in self.cfg.members]})
 
     @app.get("/v1/ensemble")
     async def ensemble(self) -> dict:
@@ -280,9 +372,7 @@ class Ingress:
     @app.post("/v1/predict")
     async def predict(self, payload: PredictRequest) -> JSONResponse:
         """Score texts: the ensemble label, probabilities, uncertainty and each member."""
-        response = await self._predict(payload)
-        self.requests.inc(tags={"status": str(response.status_code)})
-        return response
+        return await self._predict(payload)
 
     def _check(self, payload: PredictRequest) -> tuple[list[str], list[str | None]] | JSONResponse:
         limits = self.limits
@@ -331,29 +421,53 @@ class Ingress:
         finally:
             self.waiting -= 1
         try:
-            predictions = await asyncio.wait_for(
+            answers = await asyncio.wait_for(
                 self._score(texts, pairs), timeout=self.limits.request_timeout_s
             )
         except asyncio.TimeoutError:
             return error_response(503, "timed out waiting for the members; retry later", "timeout")
-        except Exception as exc:  # a member rejected (backpressure) or is gone
-            from ray.serve.exceptions import BackPressureError
-
-            if isinstance(exc, BackPressureError):
-                return error_response(
-                    503, "overloaded: a member's queue is full; retry later", "overloaded"
-                )
-            return error_response(
-                503, f"a member is unavailable: {type(exc).__name__}", "unavailable"
-            )
         finally:
             self.slots.release()
+        predictions: list[dict] = []
+        offset = 0
+        for chunk, answer in answers:
+            if isinstance(answer, BaseException):
+                return self._failure(answer, texts, pairs, offset, len(chunk[0]))
+            predictions += answer
+            offset += len(chunk[0])
         return JSONResponse({"predictions": predictions})
 
-    async def _score(self, texts: list[str], pairs: list[str | None]) -> list[dict]:
+    def _failure(
+        self, exc: BaseException, texts: list[str], pairs: list[str | None], offset: int, n: int
+    ) -> JSONResponse:
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, UnscorableText):
+            for i in range(offset, offset + n):
+                for what, value in (("text", texts[i]), ("text_pair", pairs[i])):
+                    why = _bad_text(value) if value is not None else None
+                    if why:
+                        return error_response(422, f"inputs[{i}]: {what} {why}", "invalid_input")
+            return error_response(
+                422, f"inputs: the members cannot tokenise this input: {exc}", "invalid_input"
+            )
+        if isinstance(exc, BackPressureError):
+            return error_response(
+                503, "overloaded: a member's queue is full; retry later", "overloaded"
+            )
+        if _unavailable(exc):
+            return error_response(
+                503, f"a member is unavailable ({type(exc).__name__}); retry later", "unavailable"
+            )
+        logger.error("scoring failed", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal")
+
+    async def _score(
+        self, texts: list[str], pairs: list[str | None]
+    ) -> list[tuple[Chunk, list[dict] | BaseException]]:
         size = self.limits.max_batch_size
-        # One call per chunk of at most max_batch_size texts with the same kind (pair or not).
-        chunks: list[tuple[int, int, list[str], list[str] | None]] = []
+        # At most max_batch_size texts per chunk, all with a pair or all without.
+        chunks: list[Chunk] = []
         start = 0
         while start < len(texts):
             has_pair = pairs[start] is not None
@@ -361,23 +475,49 @@ class Ingress:
             while end < len(texts) and end - start < size and (pairs[end] is not None) == has_pair:
                 end += 1
             chunk_pairs = pairs[start:end] if has_pair else None
-            chunks.append((start, end, texts[start:end], chunk_pairs))  # type: ignore[arg-type]
+            chunks.append((texts[start:end], chunk_pairs))  # type: ignore[arg-type]
             start = end
-        answers = await asyncio.gather(*(self.linger.call((t, p)) for *_, t, p in chunks))
-        return [prediction for answer in answers for prediction in answer]
+        answers = await asyncio.gather(*(self.linger.call(c) for c in chunks))
+        return list(zip(chunks, answers, strict=True))
 
     @serve.batch(batch_size_fn=_chunk_texts)
-    async def _gather(self, chunks: list[Chunk]) -> list[list[dict]]:
-        """One call per member, and one reduce, for the chunks of concurrent requests.
+    async def _batched(self, chunks: list[Chunk]) -> list[list[dict] | BaseException]:
+        """One forward per member and one reduce for the chunks of concurrent requests.
 
-        Coalescing here, not only in the members, saves three handle calls and a reduce
-        per request under load: on small models those cost more than the forward pass.
+        A chunk's failure is its answer, not the batch's: when a batch fails on its
+        input, each chunk is run alone, so only the request at fault gets its 422.
         """
-        results = await asyncio.gather(*(h.predict.remote(chunks) for h in self.handles.values()))
+        try:
+            return await self._run(chunks)
+        except Exception as exc:
+            if len(chunks) == 1 or _unavailable(exc):
+                return [exc] * len(chunks)
+        answers: list[list[dict] | BaseException] = []
+        for chunk in chunks:
+            try:
+                answers += await self._run([chunk])
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    async def _run(self, chunks: list[Chunk]) -> list[list[dict]]:
+        calls = [h.infer.remote(chunks) for _, h in self.remote]
+        per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
+        names: list[str] = []
+        if self.host is not None:
+            # Off the event loop, so health checks and new requests are taken meanwhile.
+            local = await asyncio.to_thread(run_chunks, self.host, chunks)
+            names += self.local
+            for i, outs in enumerate(local):
+                per_chunk[i] += outs
+        for (members, _), result in zip(self.remote, await asyncio.gather(*calls), strict=True):
+            names += members
+            for i, outs in enumerate(result):
+                per_chunk[i] += outs
         outputs = {
-            name: np.concatenate(out) for name, out in zip(self.handles, results, strict=True)
+            name: np.concatenate([outs[k] for outs in per_chunk]) for k, name in enumerate(names)
         }
-        predictions = self._format(outputs, sum(len(texts) for texts, _ in chunks))
+        predictions = self._format(outputs, _chunk_texts(chunks))
         answers, start = [], 0
         for texts, _ in chunks:
             answers.append(predictions[start : start + len(texts)])
@@ -396,10 +536,13 @@ class Ingress:
             return [{"embedding": r["embedding"]} for r in rows]
         labels = cfg.labels or []
         preds = []
+        scored = disagreed = 0
         for row in rows:
             if row["error"] is not None:  # e.g. a member returned non-finite logits
                 preds.append({"label": None, "score": None, "probs": None, "error": row["error"]})
                 continue
+            scored += 1
+            disagreed += row["agreement"] < 1.0 - 1e-9
             self.agreement.observe(row["agreement"])
             pred = {
                 "label": row["label"],
@@ -422,6 +565,9 @@ class Ingress:
                     }
                 pred["members"] = members
             preds.append(pred)
+        self.rows.inc(scored)
+        if disagreed:
+            self.disagreed.inc(disagreed)
         return preds
 
 
@@ -485,55 +631,92 @@ async def _too_large(size: int, limit: int, scope: dict, receive: Any, send: Any
 app.add_middleware(_BodyLimit)
 
 
-IngressDeployment = serve.deployment(serve.ingress(app)(Ingress), name="ingress")
-MemberDeployment = serve.deployment(MemberServer, name="member")
+EnsembleDeployment = serve.deployment(serve.ingress(app)(EnsembleServer), name="ensemble")
+HostDeployment = serve.deployment(HostServer, name="host")
 
 
-def build_app(plan: EnsemblePlan, *, cpu_fallback: bool = False) -> serve.Application:
+def serving_config(cfg: EnsembleConfig) -> EnsembleConfig:
+    """The config with ``serve.replicas`` as the replica range of the shared host."""
+    replicas = cfg.serve.replicas
+    members = [
+        m if m.own_host or m.num_gpus >= 1 else m.model_copy(update={"replicas": replicas})
+        for m in cfg.members
+    ]
+    return cfg.model_copy(update={"members": members})
+
+
+def _scaling(lo: int, hi: int, target: int) -> dict[str, Any]:
+    if lo == hi:
+        return {"num_replicas": lo}
+    return {
+        "autoscaling_config": {
+            "min_replicas": lo,
+            "max_replicas": hi,
+            "target_ongoing_requests": target,
+        }
+    }
+
+
+def build_app(
+    plan: EnsemblePlan,
+    *,
+    cpu_fallback: bool = False,
+    colocate: bool = True,
+    handle_options: dict[str, Any] | None = None,
+) -> serve.Application:
     """The Serve application for an ensemble. Ray must be running (its shape sets CPUs).
 
-    ``cpu_fallback``: run GPU members on CPU when Ray has none (a local Ray)."""
+    ``cpu_fallback``: run GPU members on CPU when Ray has none (a local Ray).
+    ``colocate=False`` gives every member a deployment of its own (the per-member
+    layout, for comparison); ``handle_options`` override :data:`HANDLE_OPTIONS`."""
     cfg = plan.config
     limits = cfg.serve
-    resources = hosts_on_cluster(cfg, cpu_fallback=cpu_fallback, colocate=False)
-    members = []
-    for member, spec, res in zip(cfg.members, plan.specs, resources, strict=True):
+    hosts = hosts_on_cluster(serving_config(cfg), cpu_fallback=cpu_fallback, colocate=colocate)
+    shared = next((h for h in hosts if not h.own), None)
+    remote = []
+    for res in hosts:
+        if res is shared:
+            continue
         options: dict[str, Any] = {
-            "name": f"member_{member.name}",
+            "name": "host_" + "_".join(res.members),
             "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
             # Enough calls in flight that a full batch can form.
             "max_ongoing_requests": max(2 * limits.max_batch_size, 16),
             "max_queued_requests": max(limits.max_queued_requests * 4, 64),
+            **_scaling(res.min_replicas, res.max_replicas, max(limits.max_batch_size, 2)),
         }
-        if res.min_replicas == res.max_replicas:
-            options["num_replicas"] = res.min_replicas
-        else:
-            options["autoscaling_config"] = {
-                "min_replicas": res.min_replicas,
-                "max_replicas": res.max_replicas,
-                "target_ongoing_requests": max(limits.max_batch_size, 2),
-            }
-        members.append(
-            MemberDeployment.options(**options).bind(
-                member=member.model_copy(update={"num_gpus": res.num_gpus}),
-                spec=spec,
-                task=cfg.task,
-                num_labels=cfg.num_labels,
-                threads=res.threads,
-                max_batch_size=limits.max_batch_size,
-                batch_wait_timeout_s=limits.batch_wait_timeout_s,
-            )
+        handle = HostDeployment.options(**options).bind(
+            plan=plan,
+            members=res.members,
+            num_gpus=res.num_gpus,
+            threads=res.threads,
+            max_batch_size=limits.max_batch_size,
+            batch_wait_timeout_s=limits.batch_wait_timeout_s,
         )
-    return IngressDeployment.options(
-        num_replicas=limits.ingress_replicas,
-        ray_actor_options={"num_cpus": LIGHT_TASK_CPUS},
-        # Serve hands the ingress far more requests than it works on: the ingress queues
-        # and sheds load itself, quickly and with a JSON 503, so Serve's own plain-text
-        # rejections only come at ten times the configured load. (Serve counts a request
-        # as queued while it picks a replica, so its queue limit must not be tight.)
-        max_ongoing_requests=10 * (limits.max_ongoing_requests + limits.max_queued_requests),
-        max_queued_requests=10 * (limits.max_ongoing_requests + limits.max_queued_requests),
-    ).bind(plan, members)
+        remote.append((res.members, handle))
+    replicas = limits.replicas
+    lo, hi = (replicas, replicas) if isinstance(replicas, int) else (replicas.min, replicas.max)
+    # Serve hands the replica far more requests than it works on: the replica queues
+    # and sheds load itself, quickly and with a JSON 503, so Serve's own plain-text
+    # rejections only come at ten times the configured load. (Serve counts a request
+    # as queued while it picks a replica, so its queue limit must not be tight.)
+    admitted = 10 * (limits.max_ongoing_requests + limits.max_queued_requests)
+    return EnsembleDeployment.options(
+        ray_actor_options={
+            "num_cpus": shared.num_cpus if shared else LIGHT_TASK_CPUS,
+            "num_gpus": shared.num_gpus if shared else 0,
+        },
+        max_ongoing_requests=admitted,
+        max_queued_requests=admitted,
+        **_scaling(lo, hi, limits.max_ongoing_requests),
+    ).bind(
+        plan,
+        local=shared.members if shared else (),
+        remote=remote,
+        num_gpus=shared.num_gpus if shared else 0.0,
+        threads=shared.threads if shared else 1,
+        handle_options=handle_options,
+    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -108,7 +108,10 @@ def _check_every_label_has_a_voter(cfg: EnsembleConfig, specs: list[MemberSpec])
 
 @dataclass(frozen=True)
 class HostResources:
-    """One ensemble host: the members it holds and what each replica asks Ray for."""
+    """One ensemble host: the members it holds and what each replica asks Ray for.
+
+    ``own``: a member's own host (``own_host: true``, whole GPUs, or ``colocate=False``),
+    not the host the members that fit together share."""
 
     members: tuple[str, ...]
     num_cpus: float
@@ -116,6 +119,7 @@ class HostResources:
     threads: int
     min_replicas: int
     max_replicas: int
+    own: bool = False
 
 
 def _own_host(member: MemberConfig, on_gpu: bool) -> bool:
@@ -159,11 +163,13 @@ def plan_hosts(
             has_gpu = True
     on_gpu = {m.name: m.num_gpus > 0 and has_gpu for m in cfg.members}
     groups: list[list[MemberConfig]] = []
+    own: set[str] = set()
     shared_cpu: list[MemberConfig] = []
     shared_gpu: list[list[MemberConfig]] = []  # first fit, each at most one GPU
     for m in cfg.members:
         if not colocate or _own_host(m, on_gpu[m.name]):
             groups.append([m])
+            own.add(m.name)
         elif on_gpu[m.name]:
             fit = next(
                 (g for g in shared_gpu if sum(x.num_gpus for x in g) + m.num_gpus <= 1), None
@@ -201,7 +207,13 @@ def plan_hosts(
         lo, hi = replicas(group)
         hosts.append(
             HostResources(
-                tuple(m.name for m in group), cpus, gpus, max(1, math.ceil(cpus - 1e-9)), lo, hi
+                tuple(m.name for m in group),
+                cpus,
+                gpus,
+                max(1, math.ceil(cpus - 1e-9)),
+                lo,
+                hi,
+                own=group[0].name in own,
             )
         )
     return hosts

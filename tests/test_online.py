@@ -141,13 +141,40 @@ def test_text_pairs_match_plain_transformers(served, models):
         ({"inputs": ["a"] * 9}, 413, "too_many_inputs", "limit is 8"),
         ({"inputs": ["a " * 300]}, 413, "text_too_long", "inputs[0]: text has 600 characters"),
         ({"inputs": ["a"] * 3, "pad": "x" * 5000}, 413, "body_too_large", "limit is 4096"),
+        # Python's json.loads reads "\ud800" as a lone surrogate; no tokenizer takes it.
+        (rb'{"inputs": ["fine", "bad \ud800 text"]}', 422, "invalid_input", "inputs[1]: text"),
+        (rb'{"inputs": [{"text": "a", "x\ud800": 1}]}', 422, "invalid_input", "lone surrogate"),
+        # Deeper than json.loads recurses, within the 4 KiB body limit (the serve command
+        # test sends 200,000 levels under the default limit).
+        (b"[" * 2_000 + b"]" * 2_000, 422, "invalid_json", "nested too deeply"),
     ],
+    ids=lambda v: v if isinstance(v, (int, str)) and len(str(v)) < 40 else None,
 )
 def test_errors_are_json_with_the_right_status(served, body, status, kind, needle):
     r = post(served["url"], body)
     assert r.status_code == status, r.text
     payload = r.json()
     assert payload["type"] == kind and needle in payload["error"], payload
+
+
+def test_a_text_no_tokenizer_takes_fails_only_its_own_request(served):
+    """Requests sent together share batches; the one with a lone surrogate gets its 422,
+    the others their normal answers."""
+    texts = make_texts(12, seed=8, max_words=20)
+    bodies = [json.dumps({"inputs": [t]}).encode() for t in texts]
+    bodies[5] = b'{"inputs": ["a lone \\udc80 surrogate"]}'
+    # Four at a time: the endpoint's limits admit two in work and two waiting.
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: post(served["url"], b), bodies))
+    for i, r in enumerate(answers):
+        if i == 5:
+            assert r.status_code == 422, r.text
+            assert r.json()["type"] == "invalid_input"
+            assert "U+DC80" in r.json()["error"] and "inputs[0]" in r.json()["error"]
+        else:
+            assert r.status_code == 200, r.text
+    solo = post(served["url"], {"inputs": [texts[0]]}).json()["predictions"][0]
+    assert answers[0].json()["predictions"][0]["probs"] == pytest.approx(solo["probs"], abs=1e-5)
 
 
 def test_ensemble_description_and_docs(served):
@@ -261,6 +288,13 @@ def test_serve_command_answers_and_stops_cleanly_on_sigterm(tmp_path):
             f"http://127.0.0.1:{port}/v1/predict", json={"inputs": ["a fine film"]}, timeout=30
         )
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in LABELS
+        deep = requests.post(
+            f"http://127.0.0.1:{port}/v1/predict",
+            data=b'{"inputs": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert deep.status_code == 422 and deep.json()["type"] == "invalid_json", deep.text
         started = _descendants(proc.pid)
         assert started, "the serve command started no Ray processes?"
         proc.send_signal(signal.SIGTERM)
@@ -272,3 +306,98 @@ def test_serve_command_answers_and_stops_cleanly_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def per_member(served, models):
+    """The same ensemble with every member in a deployment of its own, beside the
+    colocated app (small CPU shares, so both fit on 2 CPUs)."""
+    from ray import serve
+
+    from pipelines.online import build_app
+
+    members = [{**m, "num_cpus": 0.1} for m in members_for(models)]
+    limits = {**LIMITS, "max_ongoing_requests": 8, "max_queued_requests": 8}
+    cfg = config_from_dict(
+        {"name": "pm", "labels": LABELS, "members": members, "serve": limits},
+        base_dir=served["tmp"],
+    )
+    serve.run(build_app(plan_ensemble(cfg), colocate=False), name="pm", route_prefix="/pm")
+    yield served["url"] + "/pm"
+    serve.delete("pm")
+
+
+def test_per_member_layout_equals_offline(served, per_member):
+    texts, offline = served["texts"], served["offline"]
+    online = []
+    for i in range(0, len(texts), 8):
+        r = post(per_member, {"inputs": texts[i : i + 8]})
+        assert r.status_code == 200, r.text
+        online += r.json()["predictions"]
+    assert len(online) == len(texts)
+    for on, off in zip(online, offline, strict=True):
+        assert on["label"] == off["label"]
+        np.testing.assert_allclose([on["probs"][lab] for lab in LABELS], off["probs"], atol=1e-5)
+        for name in ("alpha", "beta", "gamma"):
+            np.testing.assert_allclose(
+                [on["members"][name]["probs"][lab] for lab in LABELS],
+                off[f"probs__{name}"],
+                atol=1e-5,
+            )
+
+
+def _replica_pids(deployment: str) -> list[int]:
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:pm:{deployment}")
+    ]
+
+
+def test_member_replica_killed_under_load_loses_no_request(per_member):
+    """kill -9 a member's replica while requests are in flight: every request gets a 200
+    (Serve retries a call whose replica died on another one) or a JSON 503, never a
+    500, and the endpoint answers by itself once Serve has replaced the replica."""
+    import os
+    import signal
+    import threading
+
+    texts = make_texts(16, seed=9, max_words=60)
+    calls: list[tuple[float, float, int, str]] = []  # start, end, status, content type
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            r = post(per_member, {"inputs": [texts[k], texts[(k + 3) % 16]]})
+            calls.append((start, time.monotonic(), r.status_code, r.headers["content-type"]))
+            if r.status_code != 200:
+                assert r.json()["type"] in ("unavailable", "overloaded", "timeout"), r.text
+
+    (victim,) = _replica_pids("host_beta")
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in clients:
+        t.start()
+    deadline = time.time() + 60
+    while len(calls) < 8 and time.time() < deadline:
+        time.sleep(0.05)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 120
+    replaced: list[int] = []
+    while time.time() < deadline and not replaced:
+        time.sleep(0.5)
+        replaced = [p for p in _replica_pids("host_beta") if p != victim]
+    stop.set()
+    for t in clients:
+        t.join(timeout=120)
+    assert replaced, "Serve did not replace the killed replica"
+    statuses = [status for *_, status, _ in calls]
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(kind == "application/json" for *_, kind in calls)
+    spanning = [status for start, end, status, _ in calls if start < killed_at < end]
+    assert spanning, "no request was in flight when the replica was killed"
+    after = post(per_member, {"inputs": ["after the kill"]})
+    assert after.status_code == 200, after.text
