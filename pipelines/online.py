@@ -215,8 +215,7 @@ class HostServer:
     @serve.batch(batch_size_fn=_call_texts)
     async def _batched(self, calls: list[list[Chunk]]) -> list[list[list[np.ndarray]]]:
         flat = [chunk for call in calls for chunk in call]
-        # Off the event loop, so health checks and new calls are taken meanwhile.
-        out = await asyncio.to_thread(run_chunks, self.host, flat)
+        out = run_chunks(self.host, flat)  # on the user-code loop, as in EnsembleServer
         answers, start = [], 0
         for call in calls:
             answers.append(out[start : start + len(call)])
@@ -505,8 +504,11 @@ class EnsembleServer:
         per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
         names: list[str] = []
         if self.host is not None:
-            # Off the event loop, so health checks and new requests are taken meanwhile.
-            local = await asyncio.to_thread(run_chunks, self.host, chunks)
+            # On the event loop Serve runs user code on (its own thread, apart from the
+            # loop that answers Serve's health checks): a hop to a worker thread cost
+            # more than it gave (docs/benchmarks.md), and requests that arrive meanwhile
+            # simply form the next batch.
+            local = run_chunks(self.host, chunks)
             names += self.local
             for i, outs in enumerate(local):
                 per_chunk[i] += outs
@@ -645,6 +647,13 @@ def serving_config(cfg: EnsembleConfig) -> EnsembleConfig:
     return cfg.model_copy(update={"members": members})
 
 
+def _threads(num_cpus: float) -> int:
+    """Torch threads for a replica: the whole CPUs it holds. The fraction left over is
+    the proxy's and the event loops': a thread more than that made the tail worse and
+    the throughput lower on 2 cores (docs/benchmarks.md)."""
+    return max(1, int(num_cpus + 1e-9))
+
+
 def _scaling(lo: int, hi: int, target: int) -> dict[str, Any]:
     if lo == hi:
         return {"num_replicas": lo}
@@ -689,7 +698,7 @@ def build_app(
             plan=plan,
             members=res.members,
             num_gpus=res.num_gpus,
-            threads=res.threads,
+            threads=_threads(res.num_cpus),
             max_batch_size=limits.max_batch_size,
             batch_wait_timeout_s=limits.batch_wait_timeout_s,
         )
@@ -714,7 +723,7 @@ def build_app(
         local=shared.members if shared else (),
         remote=remote,
         num_gpus=shared.num_gpus if shared else 0.0,
-        threads=shared.threads if shared else 1,
+        threads=_threads(shared.num_cpus) if shared else 1,
         handle_options=handle_options,
     )
 

@@ -71,6 +71,8 @@ CASES = {
     "bad dtype": (one("alpha", dtype="int8"), "dtype: Input should be"),
     "bad member name": (one("alpha", name="Alpha!"), "name: String should match"),
     "bad replicas": (one("alpha", replicas={"min": 3, "max": 1}), "must be at least min"),
+    "renamed serve key": (fixed(serve={"ingress_replicas": 2}), "now serve.replicas"),
+    "bad serve replicas": (fixed(serve={"replicas": {"min": 2, "max": 1}}), "at least min"),
     "unknown combine": (fixed(reducer={"combine": "median"}), "reducer.combine"),
     "stacking not yet": (fixed(reducer={"combine": "stacking"}), "stacking"),
     "duplicate names": (

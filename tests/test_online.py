@@ -401,3 +401,30 @@ def test_member_replica_killed_under_load_loses_no_request(per_member):
     assert spanning, "no request was in flight when the replica was killed"
     after = post(per_member, {"inputs": ["after the kill"]})
     assert after.status_code == 200, after.text
+
+
+def test_serve_replicas_scale_the_whole_ensemble_replica(ray_cluster, models, tmp_path):
+    """`serve.replicas: {min, max}` is the autoscaling range of the one deployment that
+    holds the members; a member with `own_host` gets a deployment (and range) of its own."""
+    from pipelines.online import build_app
+
+    members = members_for(models)
+    members[2] = {**members[2], "own_host": True, "replicas": {"min": 1, "max": 2}}
+    cfg = config_from_dict(
+        {
+            "name": "r",
+            "labels": LABELS,
+            "members": members,
+            "serve": {"replicas": {"min": 1, "max": 3}},
+        },
+        base_dir=tmp_path,
+    )
+    app = build_app(plan_ensemble(cfg))
+    ingress = app._bound_deployment
+    auto = ingress._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (1, 3)
+    assert ingress.init_kwargs["local"] == ("alpha", "beta")
+    ((names, handle),) = ingress.init_kwargs["remote"]
+    assert names == ("gamma",)
+    own = handle._deployment_config.autoscaling_config
+    assert (own.min_replicas, own.max_replicas) == (1, 2)
