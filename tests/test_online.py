@@ -426,5 +426,41 @@ def test_serve_replicas_scale_the_whole_ensemble_replica(ray_cluster, models, tm
     assert ingress.init_kwargs["local"] == ("alpha", "beta")
     ((names, handle),) = ingress.init_kwargs["remote"]
     assert names == ("gamma",)
-    own = handle._deployment_config.autoscaling_config
+    own = handle._bound_deployment._deployment_config.autoscaling_config
     assert (own.min_replicas, own.max_replicas) == (1, 2)
+
+
+def test_serve_config_app_builder_plans_the_serve_command_layout(ray_cluster, models, tmp_path):
+    """`serve deploy` imports app_builder with the config path: it must plan the same
+    deployments, members and replica ranges as `ray-ensemble serve`."""
+    import yaml
+
+    from pipelines.config import load_config
+    from pipelines.online import app_builder, build_app
+
+    members = members_for(models)
+    members[1] = {**members[1], "own_host": True}
+    path = tmp_path / "ens.yaml"
+    doc = {"name": "s", "labels": LABELS, "members": members, "serve": {"replicas": 2}}
+    path.write_text(yaml.safe_dump(doc))
+
+    def layout(app):
+        top = app._bound_deployment
+        kw = top.init_kwargs
+        return (
+            top.name,
+            top._deployment_config.num_replicas,
+            kw["local"],
+            [
+                (
+                    names,
+                    h._bound_deployment.name,
+                    h._bound_deployment._deployment_config.num_replicas,
+                )
+                for names, h in kw["remote"]
+            ],
+        )
+
+    ours = layout(build_app(plan_ensemble(load_config(path))))
+    assert layout(app_builder({"config": str(path)})) == ours
+    assert ours == ("ensemble", 2, ("alpha", "gamma"), [(("beta",), "host_beta", 1)])
