@@ -201,13 +201,16 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
     return host.padding_efficiency
 
 
-def ray_score(members: list[dict], data: Path, out: Path, layout: str = "colocated") -> float:
+def ray_score(
+    members: list[dict], data: Path, out: Path, layout: str = "colocated", host: dict | None = None
+) -> float:
     from pipelines.config import config_from_dict
     from pipelines.offline import score
     from pipelines.plan import plan_ensemble
 
     if layout == "per_member":
         members = [{**m, "own_host": True} for m in members]
+    members = [{**m, **(host or {})} for m in members]
     cfg = config_from_dict(
         {"name": "bench", "labels": ["negative", "positive"], "members": members}, base_dir=ROOT
     )
@@ -237,8 +240,23 @@ def main() -> None:
         choices=["colocated", "per_member"],
         help="K>1: all members in one host, and/or one host per member (own_host)",
     )
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="replicas of each host (default: 1)"
+    )
+    parser.add_argument(
+        "--member-cpus",
+        type=float,
+        default=None,
+        help="num_cpus of each member; a host asks for their sum and runs that many torch "
+        "threads, rounded up (default: an even share of the CPUs)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
+    host = {}
+    if args.replicas:
+        host["replicas"] = args.replicas
+    if args.member_cpus:
+        host["num_cpus"] = args.member_cpus
 
     import torch
 
@@ -255,6 +273,7 @@ def main() -> None:
     results: dict = {
         "rows": args.rows,
         "threads": args.threads,
+        "host_options": host,
         "num_gpus": args.num_gpus,
         "cpus": os.cpu_count(),
         "padding_efficiency": {"naive": padding_efficiency(members, texts, None)},
@@ -288,9 +307,9 @@ def main() -> None:
         # With one member both layouts are one host; with several, measure both.
         for layout in args.layouts if k > 1 else ["colocated"]:
             # The first run pays for cold caches (worker processes, imports, weights).
-            ray_score(members[:k], small, work / "out-small", layout)
-            t_small = ray_score(members[:k], small, work / "out-small", layout)
-            t_full = ray_score(members[:k], data, work / "out", layout)
+            ray_score(members[:k], small, work / "out-small", layout, host)
+            t_small = ray_score(members[:k], small, work / "out-small", layout, host)
+            t_full = ray_score(members[:k], data, work / "out", layout, host)
             steady = (args.rows - 64) / (t_full - t_small)
             r["layouts"][layout] = {
                 "total_s": t_full,
