@@ -250,8 +250,21 @@ def main() -> None:
         help="num_cpus of each member; a host asks for their sum and runs that many torch "
         "threads, rounded up (default: an even share of the CPUs)",
     )
+    parser.add_argument(
+        "--window-batches",
+        type=int,
+        default=None,
+        help="rows per host call, in batches (default: pipelines.offline.WINDOW_BATCHES)",
+    )
+    parser.add_argument(
+        "--no-loops", action="store_true", help="skip the plain loops (exploring layouts only)"
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.window_batches:
+        import pipelines.offline
+
+        pipelines.offline.WINDOW_BATCHES = args.window_batches
     host = {}
     if args.replicas:
         host["replicas"] = args.replicas
@@ -281,6 +294,9 @@ def main() -> None:
     }
     for k in args.members:
         dirs = [m["model"] for m in members[:k]]
+        if args.no_loops:
+            results["k"][k] = {"naive_s": float("nan"), "sorted_s": float("nan")}
+            continue
         naive = naive_loop(dirs, texts)
         print(f"K={k} naive loop: {args.rows / naive:.1f} rows/s", flush=True)
         sort = sorted_loop(dirs, texts)
