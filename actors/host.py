@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.member import MemberBackend, MemberHost, member_output_column
-from actors.reducer import combine_embeddings, l2_normalise, reduce_classification
+from actors.reducer import Reduced, combine_embeddings, l2_normalise, reduce_classification
 
 if TYPE_CHECKING:
     from pipelines.plan import EnsemblePlan
@@ -41,6 +41,7 @@ __all__ = [
     "UnscorableText",
     "member_outputs",
     "reduce_batch",
+    "reduce_members",
 ]
 
 LABELS_METADATA_KEY = b"ray_ensemble.labels"
@@ -182,6 +183,26 @@ def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
     return outs
 
 
+def reduce_members(
+    outputs: list[np.ndarray], *, plan: EnsemblePlan, valid: np.ndarray | None = None
+) -> Reduced:
+    """The reducer on the members' aligned outputs, in config order, as the config says.
+
+    :func:`reduce_batch` wraps it for Arrow tables; the online endpoint calls it on the
+    arrays of a batch, so both paths run the same math with the same settings."""
+    cfg = plan.config
+    return reduce_classification(
+        outputs,
+        member_names=[m.name for m in cfg.members],
+        temperatures=[m.temperature for m in cfg.members],
+        weights=[m.weight for m in cfg.members],
+        method=cfg.reducer.combine,
+        multi_label=plan.multi_label,
+        valid=valid,
+        stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
+    )
+
+
 def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     """Members' outputs in, the output contract's columns out; other columns pass through.
 
@@ -204,16 +225,7 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
             for name, out in zip(names, outputs, strict=True):
                 columns[f"embedding__{name}"] = _float_lists(l2_normalise(out), valid)
     else:
-        red = reduce_classification(
-            outputs,
-            member_names=names,
-            temperatures=[m.temperature for m in cfg.members],
-            weights=weights,
-            method=cfg.reducer.combine,
-            multi_label=plan.multi_label,
-            valid=valid,
-            stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
-        )
+        red = reduce_members(outputs, plan=plan, valid=valid)
         for i, err in enumerate(red.error):
             if err is not None:
                 errors[i], valid[i] = err, False

@@ -40,7 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from actors.host import EnsembleHost, UnscorableText, reduce_batch
+from actors.host import EnsembleHost, UnscorableText, reduce_batch, reduce_members
 from actors.member import member_output_column
 from actors.reducer import member_top
 from pipelines.config import EnsembleConfig
@@ -527,45 +527,54 @@ class EnsembleServer:
         return answers
 
     def _format(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
-        columns: dict[str, pa.Array] = {"error": pa.nulls(n, pa.string())}
-        for name, values in outputs.items():
-            width = values.shape[1]
-            flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-            columns[member_output_column(name)] = pa.FixedSizeListArray.from_arrays(flat, width)
-        rows = reduce_batch(pa.table(columns), plan=self.plan).to_pylist()
         cfg = self.cfg
         if cfg.task == "embedding":
+            columns: dict[str, pa.Array] = {"error": pa.nulls(n, pa.string())}
+            for name, values in outputs.items():
+                flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+                columns[member_output_column(name)] = pa.FixedSizeListArray.from_arrays(
+                    flat, values.shape[1]
+                )
+            rows = reduce_batch(pa.table(columns), plan=self.plan).to_pylist()
             return [{"embedding": r["embedding"]} for r in rows]
+        # The reducer on the arrays, not through an Arrow table: the same math as
+        # reduce_batch (reduce_members), without a millisecond of conversions per batch.
+        red = reduce_members([outputs[m.name] for m in cfg.members], plan=self.plan)
         labels = cfg.labels or []
+        # float32 first, as the offline Parquet stores probabilities, so both agree.
+        probs = red.probs.astype(np.float32).tolist()
+        member_probs = [p.astype(np.float32).tolist() for p in red.member_probs]
+        member_labels = [[labels[int(member_top(row))] for row in p] for p in red.member_probs]
+        label_idx, scores = red.label.tolist(), red.score.tolist()
+        agreement, entropy = red.agreement.tolist(), red.entropy.tolist()
         preds = []
         scored = disagreed = 0
-        for row in rows:
-            if row["error"] is not None:  # e.g. a member returned non-finite logits
-                preds.append({"label": None, "score": None, "probs": None, "error": row["error"]})
+        for i in range(n):
+            if red.error[i] is not None:  # e.g. a member returned non-finite logits
+                preds.append({"label": None, "score": None, "probs": None, "error": red.error[i]})
                 continue
             scored += 1
-            disagreed += row["agreement"] < 1.0 - 1e-9
-            self.agreement.observe(row["agreement"])
+            disagreed += agreement[i] < 1.0 - 1e-9
+            self.agreement.observe(agreement[i])
             pred = {
-                "label": row["label"],
-                "score": row["score"],
-                "probs": dict(zip(labels, row["probs"], strict=True)),
-                "agreement": row["agreement"],
-                "entropy": row["entropy"],
+                "label": labels[label_idx[i]],
+                "score": scores[i],
+                "probs": dict(zip(labels, probs[i], strict=True)),
+                "agreement": agreement[i],
+                "entropy": entropy[i],
             }
             if cfg.reducer.output_members:
-                members = {}
-                for m in cfg.members:
-                    p = row[f"probs__{m.name}"]
-                    members[m.name] = {
-                        "label": labels[int(member_top(np.asarray(p, dtype=float)))],
+                pred["members"] = {
+                    m.name: {
+                        "label": member_labels[k][i],
                         # A label the member lacks is null, not a silent zero.
                         "probs": {
                             lab: (None if math.isnan(v) else v)
-                            for lab, v in zip(labels, p, strict=True)
+                            for lab, v in zip(labels, member_probs[k][i], strict=True)
                         },
                     }
-                pred["members"] = members
+                    for k, m in enumerate(cfg.members)
+                }
             preds.append(pred)
         self.rows.inc(scored)
         if disagreed:
