@@ -396,6 +396,9 @@ def _fit(args: argparse.Namespace) -> int:
     lines.append(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})")
     lines.append(f"fit: wrote {out}")
     logger.info("\n".join(lines))
+    warning = result.no_gain_warning()
+    if warning:
+        logger.warning("fit: %s", warning)
     return EXIT_OK
 
 

@@ -219,6 +219,21 @@ class FitResult:
     member_nll: dict[str, tuple[float, float]]  # before, after
     ensemble_nll: tuple[float, float]
 
+    def no_gain_warning(self) -> str | None:
+        """A warning when the fitted ensemble does not beat its best calibrated member on
+        the fitting set itself, where it has every advantage; None when it does."""
+        best, (_, best_nll) = min(self.member_nll.items(), key=lambda kv: kv[1][1])
+        after = self.ensemble_nll[1]
+        if after < best_nll - 1e-9:
+            return None
+        return (
+            f"the fitted ensemble ({self.combine}, NLL {after:.4f}) does not beat its best "
+            f"member, {best} (NLL {best_nll:.4f} after calibration), even on the rows it was "
+            f"fitted on: an ensemble here costs {len(self.member_nll)}x the compute for "
+            f"nothing. Score with {best} alone, or add members that err differently "
+            "(another pretrained encoder, another model family)"
+        )
+
 
 def _ensemble_nll(
     member_probs: np.ndarray,

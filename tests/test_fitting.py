@@ -115,3 +115,81 @@ def test_label_indices():
     assert got.tolist() == [1, -1, 0, -1]
     with pytest.raises(InputError, match=r"values \['neutral'\] are not labels"):
         label_indices(["neutral", "positive"], ["negative", "positive"], "label")
+
+
+def test_gain_over_best_member_matches_an_independent_paired_bootstrap():
+    from pipelines.evaluation import gain_over_best_member
+
+    rng = np.random.default_rng(3)
+    n = 400
+    y = rng.integers(0, 3, n)
+
+    def member(acc: float) -> np.ndarray:
+        p = rng.dirichlet(np.ones(3), n)
+        right = rng.random(n) < acc
+        top = np.where(right, y, (y + 1) % 3)
+        p[np.arange(n), top] += 1.0
+        return p / p.sum(axis=1, keepdims=True)
+
+    probs = {"a": member(0.6), "b": member(0.7), "ensemble": member(0.78)}
+    gain = gain_over_best_member(probs, y, ["a", "b"])
+    correct = {k: (v.argmax(1) == y).astype(float) for k, v in probs.items()}
+    best = max(["a", "b"], key=lambda k: correct[k].mean())
+    assert gain["best_member"] == best
+    acc = gain["accuracy"]
+    assert acc["delta"] == pytest.approx(correct["ensemble"].mean() - correct[best].mean())
+    # The same rows resampled for both: a plain loop, another generator.
+    draw = np.random.default_rng(99).integers(0, n, (4000, n))
+    deltas = correct["ensemble"][draw].mean(1) - correct[best][draw].mean(1)
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    assert acc["low"] == pytest.approx(lo, abs=0.01) and acc["high"] == pytest.approx(hi, abs=0.01)
+    loss = {k: -np.log(v[np.arange(n), y]) for k, v in probs.items()}
+    assert gain["nll"]["delta"] == pytest.approx(loss["ensemble"].mean() - loss[best].mean())
+    assert gain["nll"]["low"] <= gain["nll"]["delta"] <= gain["nll"]["high"]
+    # An ensemble that equals its best member shows no gain at all.
+    same = gain_over_best_member({**probs, "ensemble": probs[best]}, y, ["a", "b"])
+    assert same["accuracy"]["low"] == same["accuracy"]["high"] == 0.0
+
+
+def test_fit_warns_when_the_ensemble_does_not_beat_its_best_member():
+    from pipelines.fitting import FitResult
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 300)
+    good = np.where(rng.random(300) < 0.9, y, 1 - y)
+    logits = [np.eye(2)[good] * 4.0, rng.normal(size=(300, 2))]  # a strong member and noise
+    probs = np.stack([normalise(z, temperature=1.0, multi_label=False) for z in logits])
+
+    def result(weights):
+        p = combine(probs, np.asarray(weights), "weighted_mean", multi_label=False)
+        return FitResult(
+            combine="weighted_mean",
+            temperatures=[1.0, 1.0],
+            weights=list(weights),
+            stacking=None,
+            rows=300,
+            member_nll={"strong": (nll(probs[0], y),) * 2, "noise": (nll(probs[1], y),) * 2},
+            ensemble_nll=(nll(p, y), nll(p, y)),
+        )
+
+    # Equal weights drag the strong member down: the warning names it.
+    warning = result([0.5, 0.5]).no_gain_warning()
+    assert warning is not None and "Score with strong alone" in warning
+    # All weight on the strong member equals it: still no gain, still a warning.
+    assert result([1.0, 0.0]).no_gain_warning() is not None
+    # Two members that err independently: their mean beats either, so no warning.
+    other = np.where(rng.random(300) < 0.9, y, 1 - y)
+    logits2 = [np.eye(2)[good] * 1.5, np.eye(2)[other] * 1.5]
+    probs2 = np.stack([normalise(z, temperature=1.0, multi_label=False) for z in logits2])
+    mean = combine(probs2, np.array([0.5, 0.5]), "weighted_mean", multi_label=False)
+    diverse = FitResult(
+        combine="weighted_mean",
+        temperatures=[1.0, 1.0],
+        weights=[0.5, 0.5],
+        stacking=None,
+        rows=300,
+        member_nll={"a": (nll(probs2[0], y),) * 2, "b": (nll(probs2[1], y),) * 2},
+        ensemble_nll=(nll(mean, y), nll(mean, y)),
+    )
+    assert nll(mean, y) < min(nll(probs2[0], y), nll(probs2[1], y))
+    assert diverse.no_gain_warning() is None

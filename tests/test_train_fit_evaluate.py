@@ -214,10 +214,22 @@ def test_evaluate_writes_metrics_report_and_plots(trained):
     y = [LABELS.index(r["true_label"]) for r in scored]
     pred = [int(np.argmax(r["probs"])) for r in scored]
     assert metrics["ensemble"]["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    gain = metrics["gain"]
+    best = gain["best_member"]
+    assert metrics["members"][best]["accuracy"] == max(
+        m["accuracy"] for m in metrics["members"].values()
+    )
+    for what in ("accuracy", "nll"):
+        g = gain[what]
+        assert g["delta"] == pytest.approx(
+            metrics["ensemble"][what] - metrics["members"][best][what], abs=1e-9
+        )
+        assert g["low"] <= g["delta"] <= g["high"]
     for png in ("reliability.png", "confusion.png"):
         blob = (report / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
     assert "| **ensemble** |" in (report / "report.md").read_text()
+    assert f"Ensemble vs its best member here, `{best}`" in (report / "report.md").read_text()
 
 
 def test_usage_errors_exit_2(trained, tmp_path, capsys):
