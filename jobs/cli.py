@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", required=True, help="the fitted config to write (YAML)")
     fit.add_argument(
         "--combine",
-        default="weighted_mean",
-        choices=FITTED_COMBINE,
-        help="what to fit after the temperatures (default weighted_mean)",
+        default="auto",
+        choices=("auto", "mean", *FITTED_COMBINE),
+        help="what to fit after the temperatures; auto (default): of mean, weighted_mean, "
+        "geometric_mean and stacking, the one with the best cross-validated NLL",
     )
     _add_ray_arguments(fit)
     evaluate = sub.add_parser(
@@ -370,6 +371,7 @@ def _train(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.fitting import (
+        CV_FOLDS,
         check_labelled_input,
         collect_member_outputs,
         fit_ensemble,
@@ -394,6 +396,18 @@ def _fit(args: argparse.Namespace) -> int:
         )
     a, b = result.ensemble_nll
     lines.append(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})")
+    if result.candidates:
+        best, best_nll = result.best_member()
+        lines.append(
+            f"fit: combinations by {CV_FOLDS}-fold cross-validated NLL (best member: {best}):"
+        )
+        lines.append(f"  {'combine':<16} {'CV NLL':>8} {'vs ' + best:>14}  shrinkage to equal")
+        for c in sorted(result.candidates, key=lambda c: c.cv_nll):
+            mark = "  <- chosen" if c.combine == result.combine else ""
+            shrink = "-" if c.shrinkage is None else f"{c.shrinkage:.2f}"
+            lines.append(
+                f"  {c.combine:<16} {c.cv_nll:8.4f} {c.cv_nll - best_nll:+14.4f}  {shrink}{mark}"
+            )
     lines.append(f"fit: wrote {out}")
     logger.info("\n".join(lines))
     warning = result.no_gain_warning()

@@ -209,6 +209,92 @@ def fit_stacking(
     return StackingModel(tuple(labels), tuple(members), coef, intercept)
 
 
+CV_FOLDS = 5
+# Fitted weights are pulled toward equal weights by the share CV picks from these:
+# equal weights are hard to beat off the fitting set's own domain.
+SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A combination scored by cross-validation on the fitting set."""
+
+    combine: str
+    cv_nll: float
+    shrinkage: float | None = None  # toward equal weights; None when nothing is fitted
+
+
+def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(y)
+    k = min(CV_FOLDS, len(y))
+    if counts[counts > 0].min() >= k:
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y))
+    return list(KFold(k, shuffle=True, random_state=seed).split(y))
+
+
+def compare_combinations(
+    member_probs: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    members: list[str],
+    methods: tuple[str, ...] = ("mean", *FITTED_COMBINE),
+    seed: int = 0,
+) -> list[Candidate]:
+    """Each combination's NLL on held-out folds (weights, shrinkage and stacking fitted
+    on the other folds); weighted combinations get the shrinkage with the best CV NLL."""
+    folds = _folds(y, seed)
+    m = member_probs.shape[0]
+    equal = np.full(m, 1.0 / m)
+
+    def held_out(dist: Any) -> float:
+        return float(sum(nll(dist(tr, te), y[te]) * len(te) for tr, te in folds) / len(y))
+
+    out = []
+    for method in methods:
+        if method == "mean":
+            out.append(
+                Candidate(
+                    "mean",
+                    held_out(
+                        lambda tr, te: combine(
+                            member_probs[:, te], equal, "mean", multi_label=False
+                        )
+                    ),
+                )
+            )
+        elif method == "stacking":
+            if any(len(set(y[tr].tolist())) < len(labels) for tr, _ in folds):
+                continue  # a fold without some label: stacking cannot be fitted there
+
+            def stacked(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+                meta = fit_stacking(member_probs[:, tr], y[tr], labels, members)
+                return ensemble_distribution(
+                    member_probs[:, te],
+                    equal,
+                    "stacking",
+                    multi_label=False,
+                    stacking=(meta.coef, meta.intercept),
+                )
+
+            out.append(Candidate("stacking", held_out(stacked)))
+        else:
+            fitted = [fit_weights(member_probs[:, tr], y[tr], method) for tr, _ in folds]
+            scores = []
+            for lam in SHRINKAGE:
+                total = 0.0
+                for (_, te), w in zip(folds, fitted, strict=True):
+                    shrunk = (1 - lam) * w + lam * equal
+                    p = combine(member_probs[:, te], shrunk, method, multi_label=False)
+                    total += nll(p, y[te]) * len(te)
+                scores.append((total / len(y), lam))
+            best, lam = min(scores)
+            out.append(Candidate(method, best, lam))
+    return out
+
+
 @dataclass(frozen=True)
 class FitResult:
     combine: str
@@ -218,20 +304,32 @@ class FitResult:
     rows: int
     member_nll: dict[str, tuple[float, float]]  # before, after
     ensemble_nll: tuple[float, float]
+    candidates: tuple[Candidate, ...] = ()
+
+    def best_member(self) -> tuple[str, float]:
+        """The member with the lowest NLL after calibration, and that NLL."""
+        name, (_, value) = min(self.member_nll.items(), key=lambda kv: kv[1][1])
+        return name, value
 
     def no_gain_warning(self) -> str | None:
-        """A warning when the fitted ensemble does not beat its best calibrated member on
-        the fitting set itself, where it has every advantage; None when it does."""
-        best, (_, best_nll) = min(self.member_nll.items(), key=lambda kv: kv[1][1])
-        after = self.ensemble_nll[1]
-        if after < best_nll - 1e-9:
+        """A warning when the chosen combination does not beat the best calibrated
+        member: by cross-validated NLL when candidates were compared, else on the fitting
+        set itself, where the ensemble has every advantage. None when it does."""
+        best, best_nll = self.best_member()
+        chosen = next((c for c in self.candidates if c.combine == self.combine), None)
+        ours, where = (
+            (chosen.cv_nll, "cross-validated on this set")
+            if chosen is not None
+            else (self.ensemble_nll[1], "even on the rows it was fitted on")
+        )
+        if ours < best_nll - 1e-9:
             return None
         return (
-            f"the fitted ensemble ({self.combine}, NLL {after:.4f}) does not beat its best "
-            f"member, {best} (NLL {best_nll:.4f} after calibration), even on the rows it was "
-            f"fitted on: an ensemble here costs {len(self.member_nll)}x the compute for "
-            f"nothing. Score with {best} alone, or add members that err differently "
-            "(another pretrained encoder, another model family)"
+            f"no combination beats the best member: {self.combine} has NLL {ours:.4f} "
+            f"({where}), {best} alone {best_nll:.4f} after calibration. An ensemble here "
+            f"costs {len(self.member_nll)}x the compute for nothing. Score with {best} "
+            "alone, or add members that err differently (another pretrained encoder, "
+            "another model family)"
         )
 
 
@@ -250,11 +348,13 @@ def _ensemble_nll(
     return nll(p, y)
 
 
-def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitResult:
-    """Temperatures, then weights or the stacking model, on ``data``."""
+def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) -> FitResult:
+    """Temperatures, then the combination: ``method``, or with ``auto`` the candidate
+    (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
+    Weights are shrunk toward equal weights by the share CV picks."""
     cfg = plan.config
-    if method not in FITTED_COMBINE:
-        raise ConfigError(f"--combine: {method!r} is not one of {list(FITTED_COMBINE)}")
+    if method not in (AUTO, "mean", *FITTED_COMBINE):
+        raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, 'mean', *FITTED_COMBINE]}")
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
@@ -272,15 +372,26 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitR
     before = probs_with(before_t)
     temps = [fit_temperature(z, y) for z in data.logits]
     after = probs_with(temps)
-    weights, model = before_w, None
-    if method == "stacking":
+    methods = ("mean", *FITTED_COMBINE) if method == AUTO else (method,)
+    candidates = compare_combinations(after, y, list(cfg.labels), data.names, methods)
+    if not candidates:
+        raise InputError(
+            "stacking needs examples of every label in every CV fold; "
+            "label more rows or use --combine weighted_mean"
+        )
+    chosen = min(candidates, key=lambda c: c.cv_nll)
+    m = len(data.names)
+    weights, model = [1.0 / m] * m, None
+    if chosen.combine == "stacking":
         model = fit_stacking(after, y, list(cfg.labels), data.names)
-    else:
-        weights = fit_weights(after, y, method).tolist()
+    elif chosen.combine != "mean":
+        w = fit_weights(after, y, chosen.combine)
+        lam = chosen.shrinkage or 0.0
+        weights = ((1 - lam) * w + lam / m).tolist()
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
-    ensemble_after = _ensemble_nll(after, weights, method, model, y)
+    ensemble_after = _ensemble_nll(after, weights, chosen.combine, model, y)
     return FitResult(
-        combine=method,
+        combine=chosen.combine,
         temperatures=temps,
         weights=weights,
         stacking=model,
@@ -289,6 +400,7 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str) -> FitR
             name: (nll(before[i], y), nll(after[i], y)) for i, name in enumerate(data.names)
         },
         ensemble_nll=(ensemble_before, ensemble_after),
+        candidates=tuple(candidates),
     )
 
 

@@ -193,3 +193,50 @@ def test_fit_warns_when_the_ensemble_does_not_beat_its_best_member():
     )
     assert nll(mean, y) < min(nll(probs2[0], y), nll(probs2[1], y))
     assert diverse.no_gain_warning() is None
+
+
+def test_fit_auto_picks_the_best_cross_validated_combination(models, tmp_path):
+    from pipelines.fitting import SHRINKAGE, LabelledOutputs, fit_ensemble
+    from pipelines.plan import plan_ensemble
+
+    cfg = config_from_dict(
+        {
+            "name": "f",
+            "labels": ["negative", "positive"],
+            "members": [
+                {"name": "a", "model": str(models["alpha"])},
+                {"name": "b", "model": str(models["alpha"])},
+                {"name": "c", "model": str(models["alpha"])},
+            ],
+        },
+        base_dir=tmp_path,
+    )
+    plan = plan_ensemble(cfg)
+    rng = np.random.default_rng(11)
+    n = 600
+    y = rng.integers(0, 2, n)
+    # Two members that err independently, and one that is mostly noise.
+    logits = [
+        (np.eye(2)[np.where(rng.random(n) < acc, y, 1 - y)] - 0.5) * scale
+        + rng.normal(scale=0.3, size=(n, 2))
+        for acc, scale in ((0.8, 3.0), (0.8, 3.0), (0.55, 1.0))
+    ]
+    data = LabelledOutputs(["a", "b", "c"], logits, y, 0)
+    result = fit_ensemble(plan, data, "auto")
+    by_name = {c.combine: c for c in result.candidates}
+    assert set(by_name) == {"mean", "weighted_mean", "geometric_mean", "stacking"}
+    assert result.combine == min(result.candidates, key=lambda c: c.cv_nll).combine
+    # `mean` fits nothing, so its held-out NLL is its plain NLL: an independent check.
+    probs = np.stack(
+        [
+            normalise(z, temperature=t, multi_label=False)
+            for z, t in zip(logits, result.temperatures, strict=True)
+        ]
+    )
+    assert by_name["mean"].cv_nll == pytest.approx(nll(probs.mean(axis=0), y), rel=1e-9)
+    for method in ("weighted_mean", "geometric_mean"):
+        assert by_name[method].shrinkage in SHRINKAGE
+    assert sum(result.weights) == pytest.approx(1.0)
+    # Diverse members beat the best one: no warning.
+    assert result.no_gain_warning() is None
+    assert result.candidates and min(c.cv_nll for c in result.candidates) < result.best_member()[1]

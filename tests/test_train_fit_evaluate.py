@@ -148,6 +148,8 @@ def test_fit_lowers_nll_and_writes_a_loadable_config(trained):
             "label",
             "--output",
             str(fitted),
+            "--combine",
+            "weighted_mean",
         ]
     )
     assert code == 0
