@@ -88,6 +88,23 @@ class Replicas(_Strict):
         return self
 
 
+def _at_least_one(value: int | Replicas) -> int | Replicas:
+    if isinstance(value, int) and value < 1:
+        raise ValueError("replicas must be at least 1")
+    return value
+
+
+# A `replicas` key, wherever it is: a number, or {min, max} to autoscale.
+ReplicaCount = Annotated[int | Replicas, AfterValidator(_at_least_one)]
+
+
+def replica_range(replicas: int | Replicas) -> tuple[int, int]:
+    """The (min, max) of a ``replicas`` key."""
+    if isinstance(replicas, int):
+        return replicas, replicas
+    return replicas.min, replicas.max
+
+
 class InputConfig(_Strict):
     """Which input columns hold the text and the row ids."""
 
@@ -175,7 +192,7 @@ class MemberConfig(_Strict):
         description="CPUs reserved per replica (also its torch thread count, rounded up). "
         "Default: 1 with a GPU; on CPU an even share of the cluster's CPUs.",
     )
-    replicas: int | Replicas = Field(
+    replicas: ReplicaCount = Field(
         1, description="Actor replicas: a number, or {min, max} to autoscale."
     )
     own_host: bool = Field(
@@ -257,18 +274,9 @@ class MemberConfig(_Strict):
             raise ValueError(f"train: only Hugging Face members can be trained, not {self.backend}")
         return self
 
-    @field_validator("replicas")
-    @classmethod
-    def _positive_replicas(cls, value: int | Replicas) -> int | Replicas:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("replicas must be at least 1")
-        return value
-
     @property
     def replica_range(self) -> tuple[int, int]:
-        if isinstance(self.replicas, int):
-            return self.replicas, self.replicas
-        return self.replicas.min, self.replicas.max
+        return replica_range(self.replicas)
 
 
 class ReducerConfig(_Strict):
@@ -317,7 +325,7 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(
         30.0, gt=0, description="A request not answered in time gets a 503."
     )
-    replicas: int | Replicas = Field(
+    replicas: ReplicaCount = Field(
         1,
         description="Replicas of the endpoint, each holding the members that share a host: "
         "a number, or {min, max} to autoscale.",
@@ -332,6 +340,10 @@ class ServeConfig(_Strict):
                 "the members too (a number, or {min, max} to autoscale)"
             )
         return data
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        return replica_range(self.replicas)
 
 
 class EnsembleConfig(_Strict):

@@ -43,7 +43,6 @@ from starlette.exceptions import HTTPException
 from actors.host import EnsembleHost, UnscorableText, reduce_batch, reduce_members
 from actors.member import member_output_column
 from actors.reducer import member_top
-from pipelines.config import EnsembleConfig
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
 __all__ = ["EnsembleServer", "HostServer", "app_builder", "build_app"]
@@ -646,16 +645,6 @@ EnsembleDeployment = serve.deployment(serve.ingress(app)(EnsembleServer), name="
 HostDeployment = serve.deployment(HostServer, name="host")
 
 
-def serving_config(cfg: EnsembleConfig) -> EnsembleConfig:
-    """The config with ``serve.replicas`` as the replica range of the shared host."""
-    replicas = cfg.serve.replicas
-    members = [
-        m if m.own_host or m.num_gpus >= 1 else m.model_copy(update={"replicas": replicas})
-        for m in cfg.members
-    ]
-    return cfg.model_copy(update={"members": members})
-
-
 def _threads(num_cpus: float) -> int:
     """Torch threads for a replica: the whole CPUs it holds. The fraction left over is
     the proxy's and the event loops': a thread more than that made the tail worse and
@@ -689,7 +678,12 @@ def build_app(
     layout, for comparison); ``handle_options`` override :data:`HANDLE_OPTIONS`."""
     cfg = plan.config
     limits = cfg.serve
-    hosts = hosts_on_cluster(serving_config(cfg), cpu_fallback=cpu_fallback, colocate=colocate)
+    hosts = hosts_on_cluster(
+        cfg,
+        cpu_fallback=cpu_fallback,
+        colocate=colocate,
+        shared_replicas=limits.replica_range,
+    )
     shared = next((h for h in hosts if not h.own), None)
     remote = []
     for res in hosts:
@@ -712,8 +706,7 @@ def build_app(
             batch_wait_timeout_s=limits.batch_wait_timeout_s,
         )
         remote.append((res.members, handle))
-    replicas = limits.replicas
-    lo, hi = (replicas, replicas) if isinstance(replicas, int) else (replicas.min, replicas.max)
+    lo, hi = limits.replica_range
     # Serve hands the replica far more requests than it works on: the replica queues
     # and sheds load itself, quickly and with a JSON 503, so Serve's own plain-text
     # rejections only come at ten times the configured load. (Serve counts a request

@@ -133,6 +133,7 @@ def plan_hosts(
     *,
     cpu_fallback: bool,
     colocate: bool = True,
+    shared_replicas: tuple[int, int] | None = None,
 ) -> list[HostResources]:
     """Which members share a host, and each host's CPU, GPU and replica requests.
 
@@ -184,6 +185,8 @@ def plan_hosts(
     groups.sort(key=lambda g: min(cfg.members.index(m) for m in g))
 
     def replicas(group: list[MemberConfig]) -> tuple[int, int]:
+        if shared_replicas is not None and group[0].name not in own:
+            return shared_replicas
         return max(m.replica_range[0] for m in group), max(m.replica_range[1] for m in group)
 
     def fixed_cpus(group: list[MemberConfig]) -> float | None:
@@ -229,7 +232,11 @@ def cluster_shape() -> tuple[dict, float]:
 
 
 def hosts_on_cluster(
-    cfg: EnsembleConfig, *, cpu_fallback: bool, colocate: bool = True
+    cfg: EnsembleConfig,
+    *,
+    cpu_fallback: bool,
+    colocate: bool = True,
+    shared_replicas: tuple[int, int] | None = None,
 ) -> list[HostResources]:
     """:func:`plan_hosts` on the running cluster, after checking that the GPU members fit
     in their share of GPU memory (ConfigError otherwise)."""
@@ -238,4 +245,11 @@ def hosts_on_cluster(
     cluster, node_cpus = cluster_shape()
     if float(cluster.get("GPU", 0)) > 0:
         check_gpu_fit(cfg, cluster_gpus())
-    return plan_hosts(cfg, cluster, node_cpus, cpu_fallback=cpu_fallback, colocate=colocate)
+    return plan_hosts(
+        cfg,
+        cluster,
+        node_cpus,
+        cpu_fallback=cpu_fallback,
+        colocate=colocate,
+        shared_replicas=shared_replicas,
+    )

@@ -73,6 +73,8 @@ CASES = {
     "bad replicas": (one("alpha", replicas={"min": 3, "max": 1}), "must be at least min"),
     "renamed serve key": (fixed(serve={"ingress_replicas": 2}), "now serve.replicas"),
     "bad serve replicas": (fixed(serve={"replicas": {"min": 2, "max": 1}}), "at least min"),
+    "no serve replicas": (fixed(serve={"replicas": 0}), "replicas must be at least 1"),
+    "no member replicas": (one("alpha", replicas=0), "replicas must be at least 1"),
     "unknown combine": (fixed(reducer={"combine": "median"}), "reducer.combine"),
     "stacking not yet": (fixed(reducer={"combine": "stacking"}), "stacking"),
     "duplicate names": (
