@@ -204,6 +204,8 @@ CLASSIFICATION_COMBINE = (*COMBINERS, "stacking")
 EMBEDDING_COMBINE = ("concat", "mean")
 # What `ray-ensemble fit` can fit after the temperatures.
 FITTED_COMBINE = ("weighted_mean", "geometric_mean", "stacking")
+# What `fit --combine auto` compares by cross-validation.
+FIT_CANDIDATES = ("mean", *FITTED_COMBINE)
 # Combinations that ignore the members' weights.
 UNWEIGHTED_COMBINE = ("mean", "max")
 

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-from actors.reducer import FITTED_COMBINE
+from actors.reducer import FIT_CANDIDATES
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--combine",
         default="auto",
-        choices=("auto", "mean", *FITTED_COMBINE),
+        choices=("auto", *FIT_CANDIDATES),
         help="what to fit after the temperatures; auto (default): of mean, weighted_mean, "
         "geometric_mean and stacking, the one with the best cross-validated NLL",
     )

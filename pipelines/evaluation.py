@@ -185,14 +185,14 @@ def render_gain(gain: dict) -> str:
         f"(paired bootstrap over rows, {gain['resamples']} resamples, {pct}% interval):",
         "",
     ]
-    for what, better in (("accuracy", "higher"), ("nll", "lower")):
+    for what, better, sign in (("accuracy", "higher", 1), ("nll", "lower", -1)):
         g = gain[what]
-        excludes = g["low"] > 0 or g["high"] < 0
-        verdict = (
-            f"the interval excludes 0: a real {'gain' if (g['delta'] > 0) == (better == 'higher') else 'loss'}"
-            if excludes
-            else "the interval includes 0: no difference shown"
-        )
+        if g["low"] > 0 or g["high"] < 0:
+            verdict = (
+                f"the interval excludes 0: a real {'gain' if sign * g['delta'] > 0 else 'loss'}"
+            )
+        else:
+            verdict = "the interval includes 0: no difference shown"
         lines.append(
             f"- {what}: {g['ensemble']:.4f} vs {g['best_member']:.4f}, difference "
             f"{g['delta']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] ({better} is better; {verdict})"

@@ -24,6 +24,7 @@ from scipy.optimize import minimize, minimize_scalar
 from actors.host import member_outputs
 from actors.member import member_output_column
 from actors.reducer import (
+    FIT_CANDIDATES,
     FITTED_COMBINE,
     combine,
     ensemble_distribution,
@@ -225,6 +226,11 @@ class Candidate:
     shrinkage: float | None = None  # toward equal weights; None when nothing is fitted
 
 
+def shrink(weights: np.ndarray, share: float) -> np.ndarray:
+    """Weights moved ``share`` of the way toward equal weights."""
+    return (1 - share) * np.asarray(weights) + share / len(weights)
+
+
 def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -240,7 +246,7 @@ def compare_combinations(
     y: np.ndarray,
     labels: list[str],
     members: list[str],
-    methods: tuple[str, ...] = ("mean", *FITTED_COMBINE),
+    methods: tuple[str, ...] = FIT_CANDIDATES,
     seed: int = 0,
 ) -> list[Candidate]:
     """Each combination's NLL on held-out folds (weights, shrinkage and stacking fitted
@@ -286,8 +292,7 @@ def compare_combinations(
             for lam in SHRINKAGE:
                 total = 0.0
                 for (_, te), w in zip(folds, fitted, strict=True):
-                    shrunk = (1 - lam) * w + lam * equal
-                    p = combine(member_probs[:, te], shrunk, method, multi_label=False)
+                    p = combine(member_probs[:, te], shrink(w, lam), method, multi_label=False)
                     total += nll(p, y[te]) * len(te)
                 scores.append((total / len(y), lam))
             best, lam = min(scores)
@@ -353,8 +358,8 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
     Weights are shrunk toward equal weights by the share CV picks."""
     cfg = plan.config
-    if method not in (AUTO, "mean", *FITTED_COMBINE):
-        raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, 'mean', *FITTED_COMBINE]}")
+    if method not in (AUTO, *FIT_CANDIDATES):
+        raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *FIT_CANDIDATES]}")
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
@@ -372,7 +377,7 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     before = probs_with(before_t)
     temps = [fit_temperature(z, y) for z in data.logits]
     after = probs_with(temps)
-    methods = ("mean", *FITTED_COMBINE) if method == AUTO else (method,)
+    methods = FIT_CANDIDATES if method == AUTO else (method,)
     candidates = compare_combinations(after, y, list(cfg.labels), data.names, methods)
     if not candidates:
         raise InputError(
@@ -385,9 +390,7 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     if chosen.combine == "stacking":
         model = fit_stacking(after, y, list(cfg.labels), data.names)
     elif chosen.combine != "mean":
-        w = fit_weights(after, y, chosen.combine)
-        lam = chosen.shrinkage or 0.0
-        weights = ((1 - lam) * w + lam / m).tolist()
+        weights = shrink(fit_weights(after, y, chosen.combine), chosen.shrinkage or 0.0).tolist()
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen.combine, model, y)
     return FitResult(
