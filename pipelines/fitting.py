@@ -49,11 +49,13 @@ __all__ = [
     "FitResult",
     "LabelledOutputs",
     "check_labelled_input",
+    "choose_combination",
     "collect_member_outputs",
     "fit_ensemble",
     "fit_temperature",
     "fit_weights",
     "nll",
+    "render_fit",
     "write_fitted_config",
 ]
 
@@ -353,6 +355,29 @@ def _ensemble_nll(
     return nll(p, y)
 
 
+def choose_combination(
+    member_probs: np.ndarray, y: np.ndarray, labels: list[str], names: list[str], method: str
+) -> tuple[list[Candidate], str, list[float], StackingModel | None]:
+    """The candidates' CV scores, and the winner fitted on every row: its name, its
+    (shrunk) weights and, for stacking, its meta-model. ``member_probs``: calibrated."""
+    methods = FIT_CANDIDATES if method == AUTO else (method,)
+    candidates = compare_combinations(member_probs, y, labels, names, methods)
+    if not candidates:
+        raise InputError(
+            "stacking needs examples of every label in every CV fold; "
+            "label more rows or use --combine weighted_mean"
+        )
+    chosen = min(candidates, key=lambda c: c.cv_nll)
+    m = len(names)
+    weights, model = [1.0 / m] * m, None
+    if chosen.combine == "stacking":
+        model = fit_stacking(member_probs, y, labels, names)
+    elif chosen.combine != "mean":
+        fitted = fit_weights(member_probs, y, chosen.combine)
+        weights = shrink(fitted, chosen.shrinkage or 0.0).tolist()
+    return candidates, chosen.combine, weights, model
+
+
 def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) -> FitResult:
     """Temperatures, then the combination: ``method``, or with ``auto`` the candidate
     (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
@@ -377,24 +402,13 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     before = probs_with(before_t)
     temps = [fit_temperature(z, y) for z in data.logits]
     after = probs_with(temps)
-    methods = FIT_CANDIDATES if method == AUTO else (method,)
-    candidates = compare_combinations(after, y, list(cfg.labels), data.names, methods)
-    if not candidates:
-        raise InputError(
-            "stacking needs examples of every label in every CV fold; "
-            "label more rows or use --combine weighted_mean"
-        )
-    chosen = min(candidates, key=lambda c: c.cv_nll)
-    m = len(data.names)
-    weights, model = [1.0 / m] * m, None
-    if chosen.combine == "stacking":
-        model = fit_stacking(after, y, list(cfg.labels), data.names)
-    elif chosen.combine != "mean":
-        weights = shrink(fit_weights(after, y, chosen.combine), chosen.shrinkage or 0.0).tolist()
+    candidates, chosen, weights, model = choose_combination(
+        after, y, list(cfg.labels), data.names, method
+    )
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
-    ensemble_after = _ensemble_nll(after, weights, chosen.combine, model, y)
+    ensemble_after = _ensemble_nll(after, weights, chosen, model, y)
     return FitResult(
-        combine=chosen.combine,
+        combine=chosen,
         temperatures=temps,
         weights=weights,
         stacking=model,
@@ -449,3 +463,30 @@ def write_fitted_config(
     output.write_text(header + yaml.safe_dump(data, sort_keys=False))
     load_config(output)  # what we wrote must load
     return output
+
+
+def render_fit(result: FitResult, skipped: int, out: Path | str) -> str:
+    """What `fit` did, as `ray-ensemble fit` and the demo print it: each member's NLL before
+    and after, and every candidate combination against the best member."""
+    lines = [f"fit: {result.rows} rows ({skipped} skipped); NLL before -> after:"]
+    for i, (name, (a, b)) in enumerate(result.member_nll.items()):
+        lines.append(
+            f"  {name:<16} {a:.4f} -> {b:.4f}  (temperature {result.temperatures[i]:.3f}, "
+            f"weight {result.weights[i]:.3f})"
+        )
+    a, b = result.ensemble_nll
+    lines.append(f"  {'ensemble':<16} {a:.4f} -> {b:.4f}  ({result.combine})")
+    if result.candidates:
+        best, best_nll = result.best_member()
+        lines.append(
+            f"fit: combinations by {CV_FOLDS}-fold cross-validated NLL (best member: {best}):"
+        )
+        lines.append(f"  {'combine':<16} {'CV NLL':>8} {'vs ' + best:>14}  shrinkage to equal")
+        for c in sorted(result.candidates, key=lambda c: c.cv_nll):
+            mark = "  <- chosen" if c.combine == result.combine else ""
+            shrink = "-" if c.shrinkage is None else f"{c.shrinkage:.2f}"
+            lines.append(
+                f"  {c.combine:<16} {c.cv_nll:8.4f} {c.cv_nll - best_nll:+14.4f}  {shrink}{mark}"
+            )
+    lines.append(f"fit: wrote {out}")
+    return "\n".join(lines)
