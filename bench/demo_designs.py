@@ -85,6 +85,12 @@ def main() -> None:
     parser.add_argument(
         "--cache", help="an .npz of the members' logits: read when present, else written"
     )
+    parser.add_argument(
+        "--probe-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the frozen encoders' dtype (a member's `dtype`; auto is float32 on CPU)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -122,7 +128,9 @@ def main() -> None:
     for name, base in probes:
         if name in logits:
             continue
-        encoder = MemberConfig(name=name, model=str(base), max_length=64, batch_size=64)
+        encoder = MemberConfig(
+            name=name, model=str(base), max_length=64, batch_size=64, dtype=args.probe_dtype
+        )
         vectors = {}
         for s in SPLITS:
             t0 = time.perf_counter()
