@@ -74,7 +74,7 @@ NEUTRAL_BAND = 0.5
 
 # Rows per split (None: all). `--quick` (CI) runs the same steps on small samples.
 FULL = {"train_rows": None, "eval_rows": 2500, "off_rows": None}
-QUICK = {"train_rows": 300, "eval_rows": 200, "off_rows": 300}
+QUICK = {"train_rows": 200, "eval_rows": 120, "off_rows": 200}
 
 
 def find_rotten_tomatoes() -> Path:
