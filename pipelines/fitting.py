@@ -48,6 +48,7 @@ __all__ = [
     "FITTED_COMBINE",
     "FitResult",
     "LabelledOutputs",
+    "calibrated",
     "check_labelled_input",
     "choose_combination",
     "collect_member_outputs",
@@ -355,6 +356,16 @@ def _ensemble_nll(
     return nll(p, y)
 
 
+def calibrated(logits: list[np.ndarray], temperatures: list[float]) -> np.ndarray:
+    """Members' aligned logits to their ``(M, n, L)`` distributions at these temperatures."""
+    return np.stack(
+        [
+            normalise(z, temperature=t, multi_label=False)
+            for z, t in zip(logits, temperatures, strict=True)
+        ]
+    )
+
+
 def choose_combination(
     member_probs: np.ndarray, y: np.ndarray, labels: list[str], names: list[str], method: str
 ) -> tuple[list[Candidate], str, list[float], StackingModel | None]:
@@ -389,19 +400,11 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
 
-    def probs_with(temps: list[float]) -> np.ndarray:
-        return np.stack(
-            [
-                normalise(z, temperature=t, multi_label=False)
-                for z, t in zip(data.logits, temps, strict=True)
-            ]
-        )
-
     before_t = [m.temperature for m in cfg.members]
     before_w = [m.weight for m in cfg.members]
-    before = probs_with(before_t)
+    before = calibrated(data.logits, before_t)
     temps = [fit_temperature(z, y) for z in data.logits]
-    after = probs_with(temps)
+    after = calibrated(data.logits, temps)
     candidates, chosen, weights, model = choose_combination(
         after, y, list(cfg.labels), data.names, method
     )
