@@ -148,6 +148,11 @@ class TrainConfig(_Strict):
     classifier_dropout: float | None = Field(
         None, ge=0, lt=1, description="Dropout before the head (default: the base model's)."
     )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no",
+        description="bf16: forward passes in bfloat16 autocast (weights stay float32), "
+        "about 1.5x faster on CPUs with AVX512-BF16 or AMX and on Ampere or newer GPUs.",
+    )
     max_examples: int | None = Field(
         None, ge=1, description="Train on a seeded sample of at most this many rows."
     )

@@ -116,6 +116,13 @@ def _train_loop(config: dict) -> None:
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config["warmup_ratio"] * total_steps), total_steps
     )
+    # bfloat16 keeps float32's range, so no loss scaling is needed; weights and optimizer
+    # state stay float32.
+    autocast = torch.autocast(
+        "cuda" if config["use_gpu"] else "cpu",
+        dtype=torch.bfloat16,
+        enabled=config["mixed_precision"] == "bf16",
+    )
     shard = ray.train.get_dataset_shard("train")
     has_pair = config["has_pair"]
     step, epoch, started = 0, 0, time.perf_counter()
@@ -137,7 +144,8 @@ def _train_loop(config: dict) -> None:
                 padding=True,
                 return_tensors="pt",
             )
-            out = model(**enc, labels=torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long))
+            with autocast:
+                out = model(**enc, labels=torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -220,6 +228,8 @@ def train_member(
             "warmup_ratio": spec.warmup_ratio,
             "batch_size": spec.batch_size,
             "freeze_encoder": spec.freeze_encoder,
+            "mixed_precision": spec.mixed_precision,
+            "use_gpu": use_gpu,
             "classifier_dropout": spec.classifier_dropout,
             "seed": spec.seed,
             "max_length": member.max_length,

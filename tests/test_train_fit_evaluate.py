@@ -79,7 +79,14 @@ def trained(ray_cluster, tmp_path_factory):
                 "name": "full",
                 "model": "models/full",
                 "max_length": 32,
-                "train": {**common, "seed": 1, "epochs": 6, "learning_rate": 1e-3},
+                # bfloat16 autocast: it must still learn, and keep float32 weights.
+                "train": {
+                    **common,
+                    "seed": 1,
+                    "epochs": 6,
+                    "learning_rate": 1e-3,
+                    "mixed_precision": "bf16",
+                },
             },
             {
                 "name": "frozen",
@@ -125,6 +132,9 @@ def test_train_writes_members_with_the_ensemble_labels(trained):
         assert config["id2label"] == {"0": "negative", "1": "positive"}
         model = AutoModelForSequenceClassification.from_pretrained(member)
         encoder = model.base_model.state_dict()
+        assert {v.dtype for v in model.state_dict().values() if v.is_floating_point()} == {
+            torch.float32
+        }
         changed = {k for k in base if not torch.equal(encoder[k], base[k])}
         if frozen:  # only the pooler learns
             assert changed == {"pooler.dense.weight", "pooler.dense.bias"}, changed
