@@ -81,10 +81,11 @@ class HFBackend(TokenizedBackend):
         with torch.inference_mode():
             out = self.model(**tensors)
             if self.task == "embedding":
-                hidden = out.last_hidden_state
+                # Summed in float32: a half-precision sum over many tokens loses digits.
+                hidden = out.last_hidden_state.float()
                 mask = tensors["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                return pooled.float().cpu().numpy()
+                return pooled.cpu().numpy()
             return out.logits.float().cpu().numpy()
 
 
