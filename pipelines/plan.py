@@ -219,6 +219,19 @@ def plan_hosts(
                 own=group[0].name in own,
             )
         )
+    # Fixed requests can take every CPU; then the read and write tasks never start and the
+    # job waits forever, with nothing to say why.
+    asked = sum(h.num_cpus * h.min_replicas for h in hosts)
+    if fixed and total_cpus - asked < LIGHT_TASK_CPUS - 1e-9:
+        message = (
+            f"the members ask for {asked:g} of Ray's {total_cpus:g} CPUs (num_cpus x replicas), "
+            f"which leaves {max(total_cpus - asked, 0):g}; reading and writing rows needs at "
+            f"least {LIGHT_TASK_CPUS:g} more: lower the members' num_cpus or replicas, or "
+            "leave num_cpus unset to share the CPUs out automatically"
+        )
+        if cpu_fallback:  # a Ray this process started: no CPU will ever be added
+            raise ConfigError(message)
+        logger.warning("%s (or the autoscaler must add a node)", message)
     return hosts
 
 

@@ -106,6 +106,27 @@ def test_members_on_one_device_share_a_host(models, tmp_path):
     assert [h.members for h in split] == [("m0",), ("m1",), ("m2",)]
 
 
+def test_fixed_cpus_that_leave_none_for_reading_and_writing_are_refused(models, tmp_path, caplog):
+    """Two members of num_cpus 1 on 2 CPUs would leave the read and write tasks nothing:
+    the job would wait forever."""
+    full = ensemble(models, tmp_path, {"num_cpus": 1}, {"num_cpus": 1})
+    with pytest.raises(ConfigError) as err:
+        plan_hosts(full, {"CPU": 2.0}, 2.0, cpu_fallback=True)
+    assert "ask for 2 of Ray's 2 CPUs" in str(err.value)
+    assert "lower the members' num_cpus or replicas" in str(err.value)
+    # A joined cluster may grow: a warning, and the plan stands.
+    (host,) = plan_hosts(full, {"CPU": 2.0}, 2.0, cpu_fallback=False)
+    assert host.num_cpus == 2 and "the autoscaler must add a node" in caplog.text
+    # Room left for the light stages: planned as asked.
+    (host,) = plan_hosts(
+        ensemble(models, tmp_path, {"num_cpus": 0.9}, {"num_cpus": 0.9}),
+        {"CPU": 2.0},
+        2.0,
+        cpu_fallback=True,
+    )
+    assert host.num_cpus == pytest.approx(1.8) and host.threads == 2
+
+
 def test_a_label_no_weighted_member_has_is_refused(models, tmp_path):
     from pipelines.plan import plan_ensemble
 
