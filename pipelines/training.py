@@ -91,6 +91,11 @@ def _train_loop(config: dict) -> None:
     extra = {}
     if config["classifier_dropout"] is not None:
         extra["classifier_dropout"] = config["classifier_dropout"]
+    from transformers.utils import logging as hf_logging
+
+    # Its load report would list the new head as missing weights, which it is meant to be.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
     model = AutoModelForSequenceClassification.from_pretrained(
         config["base_model"],
@@ -145,7 +150,7 @@ def _train_loop(config: dict) -> None:
                 return_tensors="pt",
             )
             with autocast:
-                out = model(**enc, labels=torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long))
+                out = model(**enc, labels=torch.tensor(batch[LABEL_COLUMN], dtype=torch.long))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -192,6 +197,8 @@ def train_member(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.offline import job_data_context
+
     spec = member.train
     assert spec is not None
     rng = np.random.default_rng(spec.seed)
@@ -204,7 +211,6 @@ def train_member(
     }
     if data.pairs is not None:
         columns["text_pair"] = pa.array([data.pairs[i] for i in index], pa.string())
-    ds = ray.data.from_arrow(pa.table(columns))
     cluster = ray.cluster_resources()
     use_gpu = spec.use_gpu
     if use_gpu is None:
@@ -216,6 +222,10 @@ def train_member(
     cpus = _worker_cpus(member, float(cluster.get("CPU", 1)), spec.num_workers)
     storage = Path(workdir).resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    # A dataset keeps the Ray Data settings it was made under, in Ray Train's processes
+    # too: no progress dumps or memory warnings for the workers' feed.
+    with job_data_context():
+        ds = ray.data.from_arrow(pa.table(columns))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
