@@ -1,0 +1,86 @@
+"""Probe: one MiniLM member's sorted-loop rows/s by micro-batch rule and thread count.
+
+    python bench/offline_throughput.py --rows 64 --members 1 --no-loops   # builds the model once
+    python bench/microbatch_probe.py --threads 2 --rows-per-batch 64
+    python bench/microbatch_probe.py --threads 2 --token-budget 4096
+
+``--rows-per-batch N``: micro-batches of N rows, as a member's ``batch_size`` makes today.
+``--token-budget N``: as many length-sorted rows as keep rows x longest length <= N padded
+tokens (at most 256 rows). Texts, model and tokenisation are bench/offline_throughput.py's.
+A warm-up pass runs first; the second pass is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from offline_throughput import MAX_LENGTH, build_members, make_texts  # noqa: E402
+
+
+def micro_batches(lengths, rows_per_batch: int | None, token_budget: int | None) -> list:
+    import numpy as np
+
+    order = np.argsort(lengths, kind="stable")
+    n = len(order)
+    if rows_per_batch:
+        return [order[i : i + rows_per_batch] for i in range(0, n, rows_per_batch)]
+    batches, i = [], 0
+    while i < n:
+        j = i + 1
+        while j < n and j - i < 256 and (j + 1 - i) * lengths[order[j]] <= token_budget:
+            j += 1
+        batches.append(order[i:j])
+        i = j
+    return batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1000)
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rows-per-batch", type=int)
+    rule.add_argument("--token-budget", type=int)
+    parser.add_argument("--workdir", default="/tmp/ray-ensemble-bench")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = build_members(Path(args.workdir), 1)[0]["model"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    enc = tok(make_texts(args.rows), truncation=True, max_length=MAX_LENGTH)
+    lengths = np.array([len(x) for x in enc["input_ids"]])
+    batches = micro_batches(lengths, args.rows_per_batch, args.token_budget)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for rows in batches:
+                padded = tok.pad([{k: enc[k][r] for k in enc} for r in rows], return_tensors="pt")
+                model(**padded).logits.numpy()
+
+    run()
+    start = time.perf_counter()
+    run()
+    took = time.perf_counter() - start
+    rule_text = (
+        f"{args.rows_per_batch} rows" if args.rows_per_batch else f"{args.token_budget} tokens"
+    )
+    sys.stdout.write(
+        f"threads={args.threads} micro-batch={rule_text} batches={len(batches)}: "
+        f"{args.rows / took:.1f} rows/s\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
