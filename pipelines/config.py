@@ -189,7 +189,13 @@ class MemberConfig(_Strict):
     max_length: int = Field(
         256, ge=1, description="Longer inputs are truncated to this many tokens."
     )
-    batch_size: int = Field(64, ge=1, description="Rows per forward pass.")
+    batch_size: int = Field(64, ge=1, description="Most rows per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most padded tokens (rows x longest row) per forward pass; a row longer "
+        "than it still runs alone. Default: 2048 on CPU, no cap on GPU.",
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per replica: 1 whole, 0.25 a share, 0 CPU.")
     num_cpus: float | None = Field(
         None,

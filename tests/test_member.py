@@ -8,7 +8,7 @@ import pytest
 
 from actors.host import EnsembleHost
 from actors.loading import describe_member
-from actors.member import MemberHost, member_output_column
+from actors.member import CPU_BATCH_TOKENS, MemberHost, member_output_column, micro_batches
 from jobs.example import make_texts
 from pipelines.config import config_from_dict
 from pipelines.plan import plan_ensemble
@@ -87,6 +87,45 @@ def test_batched_equals_single(models, tmp_path):
     batched = host.infer(texts)
     single = np.concatenate([host.infer([t]) for t in texts])
     np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_rows,max_tokens", [(8, None), (64, 200), (5, 40), (300, 1)])
+def test_micro_batches_cover_every_row_once_within_both_caps(max_rows, max_tokens):
+    lengths = np.random.default_rng(max_rows).integers(1, 120, size=257)
+    batches = micro_batches(lengths, max_rows, max_tokens)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(257))
+    # in length order, so each batch's rows are alike
+    assert (np.diff(lengths[rows]) >= 0).all()
+    for batch in batches:
+        assert 1 <= len(batch) <= max_rows
+        if max_tokens is not None and len(batch) > 1:
+            assert len(batch) * lengths[batch].max() <= max_tokens
+    if max_tokens is not None:
+        # greedy: adding the next row to a batch would have broken a cap
+        for batch, following in zip(batches, batches[1:], strict=False):
+            grown = len(batch) + 1
+            assert grown > max_rows or grown * lengths[following[0]] > max_tokens
+
+
+def test_token_budget_cuts_forward_passes_and_keeps_values(models, tmp_path):
+    host = make_host(models, "alpha", tmp_path, batch_size=64, max_batch_tokens=96)
+    assert make_host(models, "alpha", tmp_path).max_batch_tokens == CPU_BATCH_TOKENS
+    shapes = []
+    forward = host.backend.forward
+
+    def recording(inputs):
+        shapes.append(inputs["input_ids"].shape)
+        return forward(inputs)
+
+    host.backend.forward = recording
+    texts = make_texts(40, seed=5, max_words=40)
+    got = host.infer(texts)
+    np.testing.assert_allclose(got, plain_logits(models["alpha"], texts), atol=1e-5)
+    assert sum(rows for rows, _ in shapes) == 40
+    assert all(rows * width <= 96 or rows == 1 for rows, width in shapes)
+    # short rows still share passes: the budget cuts batches, it does not make them single
+    assert len(shapes) < 40
 
 
 def test_length_sorting_keeps_padding_small(models, tmp_path):
