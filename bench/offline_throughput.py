@@ -191,7 +191,8 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
         text_column="text",
         backend=CountingBackend(),
     )
-    if data is None:  # the naive loop: input order, batches of 64
+    if data is None:  # the naive loop: input order, batches of 64, one forward each
+        host.max_batch_tokens = None
         for i in range(0, len(texts), BATCH):
             host.infer(texts[i : i + BATCH])
     else:  # the host's windows: consecutive rows in input order, sorted inside each
