@@ -93,6 +93,9 @@ class TokenizedBackend:
 
     _encoder: TokenEncoder
     pad_token_id: int
+    # True where forward() may run on several threads at once over one model: a torch
+    # module in inference mode keeps no state between calls. ONNX Runtime runs its own pool.
+    forward_in_threads = False
 
     def _use_tokenizer(
         self, tokenizer: Any, max_length: int, keys: Sequence[str], source: str
@@ -252,6 +255,8 @@ class TorchModuleBackend(TokenizedBackend):
     """A plain ``nn.Module`` whose ``forward(input_ids, attention_mask=..., ...)`` returns
     logits / an embedding (a tensor, a tuple whose first item is one, or an object with
     ``logits`` or ``last_hidden_state``)."""
+
+    forward_in_threads = True
 
     def __init__(self, member: Any, task: str, device: str) -> None:
         import torch

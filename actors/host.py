@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +62,10 @@ class EnsembleHost:
     ``progress``: an actor handle whose ``add.remote(rows)`` is told of each window.
     ``backends``: ready member backends by name (tests run the host without weights).
     ``observe``: called with (member name, seconds) after each member's forward pass.
+    ``batch_threads``: on CPU with ``threads`` > 1, run micro-batches side by side on that
+    many threads of one torch thread each instead of one at a time on ``threads`` torch
+    threads: on this project's 2-core bench, K=3 ran 10% faster. For windows of many
+    micro-batches (offline); a small online batch would run on one thread.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class EnsembleHost:
         progress: Any = None,
         backends: dict[str, MemberBackend] | None = None,
         observe: Callable[[str, float], None] | None = None,
+        batch_threads: bool = False,
     ) -> None:
         import torch
 
@@ -98,6 +104,9 @@ class EnsembleHost:
         specs = {s.name: s for s in plan.specs}
         by_name = {m.name: m for m in cfg.members}
         backends = backends or {}
+        pool = None
+        if batch_threads and threads and threads > 1 and not num_gpus:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="micro-batch")
         self.members = [
             MemberHost(
                 member=by_name[name].model_copy(update={"num_gpus": num_gpus}),
@@ -108,9 +117,13 @@ class EnsembleHost:
                 text_pair_column=self.pair_column,
                 threads=threads,
                 backend=backends.get(name),
+                pool=pool,
             )
             for name in names
         ]
+        if pool is not None:
+            # Each micro-batch on one core: set after the members, which set ``threads``.
+            torch.set_num_threads(1)
         # Members that tokenise alike share one tokenizer call per window.
         self.groups: dict[object, list[int]] = {}
         for i, member in enumerate(self.members):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,8 @@ class MemberBackend(Protocol):
 
 class HFBackend(TokenizedBackend):
     """A transformers model: sequence classification logits, or mean-pooled embeddings."""
+
+    forward_in_threads = True
 
     def __init__(self, member: Any, task: str, device: str) -> None:
         import inspect
@@ -187,7 +190,9 @@ class MemberHost:
         text_pair_column: str | None = None,
         threads: int | None = None,
         backend: MemberBackend | None = None,
+        pool: Executor | None = None,
     ) -> None:
+        """``pool``: threads to run micro-batches on side by side (CPU torch backends only)."""
         import torch
 
         if threads:
@@ -204,6 +209,8 @@ class MemberHost:
         self.max_batch_tokens = member.max_batch_tokens or (
             CPU_BATCH_TOKENS if device == "cpu" else None
         )
+        parallel = device == "cpu" and getattr(self.backend, "forward_in_threads", False)
+        self.pool = pool if parallel else None
         # Counters for padding efficiency: real tokens / padded tokens.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -235,12 +242,16 @@ class MemberHost:
             return np.zeros((0, width), dtype=np.float32)
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
         batches = micro_batches(lengths, self.member.batch_size, self.max_batch_tokens)
-        chunks = []
-        for rows in batches:
-            inputs = pad_batch(encoded, rows, self.backend.pad_token_id)
-            self.real_tokens += int(lengths[rows].sum())
-            self.padded_tokens += int(inputs["input_ids"].size)
-            chunks.append(self.backend.forward(inputs))
+        self.real_tokens += int(lengths.sum())
+        self.padded_tokens += sum(len(rows) * int(lengths[rows[-1]]) for rows in batches)
+
+        def forward(rows: np.ndarray) -> np.ndarray:
+            return self.backend.forward(pad_batch(encoded, rows, self.backend.pad_token_id))
+
+        if self.pool is None or len(batches) == 1:
+            chunks = [forward(rows) for rows in batches]
+        else:
+            chunks = list(self.pool.map(forward, batches))
         raw = np.empty((n, chunks[0].shape[1]), dtype=np.float32)
         raw[np.concatenate(batches)] = np.concatenate(chunks)
         if self.task == "embedding":

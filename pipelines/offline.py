@@ -148,6 +148,7 @@ def build_dataset(
                 "reduce": reduce and alone,
                 "num_gpus": host.num_gpus,
                 "threads": host.threads,
+                "batch_threads": True,
                 "progress": progress if i == len(hosts) - 1 else None,
             },
             batch_format="pyarrow",

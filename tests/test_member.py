@@ -128,6 +128,33 @@ def test_token_budget_cuts_forward_passes_and_keeps_values(models, tmp_path):
     assert len(shapes) < 40
 
 
+def test_micro_batches_side_by_side_on_threads_keep_values_and_order(models, tmp_path):
+    import torch
+
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "labels": ["negative", "positive"],
+            "members": [
+                {"name": "alpha", "model": str(models["alpha"]), "max_batch_tokens": 64},
+                {"name": "beta", "model": str(models["beta"]), "batch_size": 3},
+            ],
+        },
+        base_dir=tmp_path,
+    )
+    before = torch.get_num_threads()
+    try:
+        host = EnsembleHost(plan=plan_ensemble(cfg), reduce=False, threads=2, batch_threads=True)
+        assert all(m.pool is not None for m in host.members)
+        assert torch.get_num_threads() == 1
+        texts = make_texts(45, seed=11, max_words=30)
+        alpha, beta = host.infer(texts)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(alpha, plain_logits(models["alpha"], texts), atol=1e-5)
+    np.testing.assert_allclose(beta, plain_logits(models["beta"], texts)[:, ::-1], atol=1e-5)
+
+
 def test_length_sorting_keeps_padding_small(models, tmp_path):
     host = make_host(models, "alpha", tmp_path, batch_size=8)
     host.infer(make_texts(256, seed=1))
