@@ -121,8 +121,9 @@ class EnsembleHost:
             )
             for name in names
         ]
-        if pool is not None:
+        if any(m.pool is not None for m in self.members):
             # Each micro-batch on one core: set after the members, which set ``threads``.
+            # A host whose members all run their own way keeps its torch threads.
             torch.set_num_threads(1)
         # Members that tokenise alike share one tokenizer call per window.
         self.groups: dict[object, list[int]] = {}

@@ -243,7 +243,7 @@ class MemberHost:
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
         batches = micro_batches(lengths, self.member.batch_size, self.max_batch_tokens)
         self.real_tokens += int(lengths.sum())
-        self.padded_tokens += sum(len(rows) * int(lengths[rows[-1]]) for rows in batches)
+        self.padded_tokens += sum(len(rows) * int(lengths[rows].max()) for rows in batches)
 
         def forward(rows: np.ndarray) -> np.ndarray:
             return self.backend.forward(pad_batch(encoded, rows, self.backend.pad_token_id))
