@@ -53,16 +53,19 @@ def batch_of(texts, errors=None) -> pa.Table:
     )
 
 
-def ensemble_host(models, model: str, tmp_path, **member_kw) -> EnsembleHost:
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "labels": ["negative", "positive"],
-            "members": [{"name": model, "model": str(models[model]), **member_kw}],
-        },
-        base_dir=tmp_path,
+def binary_plan(tmp_path, members: list[dict]):
+    """The plan of a negative/positive ensemble of ``members``."""
+    return plan_ensemble(
+        config_from_dict(
+            {"name": "t", "labels": ["negative", "positive"], "members": members},
+            base_dir=tmp_path,
+        )
     )
-    return EnsembleHost(plan=plan_ensemble(cfg), reduce=False, threads=1)
+
+
+def ensemble_host(models, model: str, tmp_path, **member_kw) -> EnsembleHost:
+    plan = binary_plan(tmp_path, [{"name": model, "model": str(models[model]), **member_kw}])
+    return EnsembleHost(plan=plan, reduce=False, threads=1)
 
 
 def test_host_matches_plain_transformers_and_skips_bad_rows(models, tmp_path):
@@ -131,20 +134,16 @@ def test_token_budget_cuts_forward_passes_and_keeps_values(models, tmp_path):
 def test_micro_batches_side_by_side_on_threads_keep_values_and_order(models, tmp_path):
     import torch
 
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "labels": ["negative", "positive"],
-            "members": [
-                {"name": "alpha", "model": str(models["alpha"]), "max_batch_tokens": 64},
-                {"name": "beta", "model": str(models["beta"]), "batch_size": 3},
-            ],
-        },
-        base_dir=tmp_path,
+    plan = binary_plan(
+        tmp_path,
+        [
+            {"name": "alpha", "model": str(models["alpha"]), "max_batch_tokens": 64},
+            {"name": "beta", "model": str(models["beta"]), "batch_size": 3},
+        ],
     )
     before = torch.get_num_threads()
     try:
-        host = EnsembleHost(plan=plan_ensemble(cfg), reduce=False, threads=2, batch_threads=True)
+        host = EnsembleHost(plan=plan, reduce=False, threads=2, batch_threads=True)
         assert all(m.pool is not None for m in host.members)
         assert torch.get_num_threads() == 1
         texts = make_texts(45, seed=11, max_words=30)
@@ -209,23 +208,19 @@ def test_dtype_is_applied(models, tmp_path, dtype):
 
 
 def test_ensemble_host_tokenises_once_per_tokenizer(models, tmp_path):
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "labels": ["negative", "positive"],
-            "members": [
-                {"name": "alpha", "model": str(models["alpha"]), "batch_size": 8},
-                {"name": "beta", "model": str(models["beta"])},
-                {
-                    "name": "gamma",
-                    "model": str(models["gamma"]),
-                    "label_map": {"LABEL_0": "negative", "LABEL_1": "positive"},
-                },
-            ],
-        },
-        base_dir=tmp_path,
+    plan = binary_plan(
+        tmp_path,
+        [
+            {"name": "alpha", "model": str(models["alpha"]), "batch_size": 8},
+            {"name": "beta", "model": str(models["beta"])},
+            {
+                "name": "gamma",
+                "model": str(models["gamma"]),
+                "label_map": {"LABEL_0": "negative", "LABEL_1": "positive"},
+            },
+        ],
     )
-    host = EnsembleHost(plan=plan_ensemble(cfg), reduce=False)
+    host = EnsembleHost(plan=plan, reduce=False)
     # alpha and gamma are BERTs with one tokenizer (in two folders); beta, a DistilBERT,
     # takes no token_type_ids: two tokenizer calls per window, not three.
     assert sorted(host.groups.values()) == [[0, 2], [1]]
