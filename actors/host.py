@@ -21,31 +21,180 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.member import MemberBackend, MemberHost, member_output_column
-from actors.reducer import Reduced, combine_embeddings, l2_normalise, reduce_classification
+from actors.backends import backend_kind
+from actors.backends.base import MemberBackend, import_member_modules, pick_device
+from actors.tasks import MemberSpec, Task
 
 if TYPE_CHECKING:
     from pipelines.plan import EnsemblePlan
 
 __all__ = [
+    "CPU_BATCH_TOKENS",
     "LABELS_METADATA_KEY",
     "EnsembleHost",
+    "MemberHost",
     "UnscorableText",
+    "make_backend",
+    "member_output_column",
     "member_outputs",
+    "micro_batches",
     "reduce_batch",
-    "reduce_members",
 ]
 
 LABELS_METADATA_KEY = b"ray_ensemble.labels"
+
+# On CPU, a forward pass costs about rows x longest row, and big passes fall out of cache:
+# one MiniLM ran 107-123 rows/s with passes of at most 1,024-2,048 padded tokens against
+# 93-97 with 64-row passes (bench/microbatch_probe.py). GPUs want big batches.
+CPU_BATCH_TOKENS = 2048
+
+
+def make_backend(member: Any, task: Task, device: str, threads: int | None = None) -> MemberBackend:
+    """The member's model, loaded on ``device``, behind the one backend interface."""
+    import_member_modules(member)
+    return backend_kind(member.backend).load(member, task, device, threads)
+
+
+def member_output_column(name: str) -> str:
+    """The intermediate column a member writes; the reducer consumes and drops it."""
+    return f"__member__{name}"
+
+
+def pad_batch(
+    encoded: dict[str, list[list[int]]], rows: Sequence[int], pad_token_id: int
+) -> dict[str, np.ndarray]:
+    """Right-pad the chosen rows to their longest length."""
+    ids = encoded["input_ids"]
+    width = max(len(ids[r]) for r in rows)
+    out: dict[str, np.ndarray] = {}
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for key, seqs in encoded.items():
+        arr = np.full((len(rows), width), pad_token_id if key == "input_ids" else 0, dtype=np.int64)
+        for j, r in enumerate(rows):
+            seq = seqs[r]
+            arr[j, : len(seq)] = seq
+            mask[j, : len(seq)] = 1
+        out[key] = arr
+    out["attention_mask"] = mask
+    return out
+
+
+def micro_batches(lengths: np.ndarray, max_rows: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into micro-batches of at most ``max_rows`` rows and
+    ``max_tokens`` padded tokens (rows x longest row). A row longer than ``max_tokens`` runs
+    alone. Sorting keeps rows of one micro-batch alike, so padding stays small."""
+    order = np.argsort(lengths, kind="stable")
+    n = len(order)
+    if max_tokens is None:
+        return [order[i : i + max_rows] for i in range(0, n, max_rows)]
+    batches = []
+    start = 0
+    while start < n:
+        stop = start + 1
+        # Ascending order: the row being added is the longest, so it sets the width.
+        while (
+            stop < n
+            and stop - start < max_rows
+            and (stop + 1 - start) * lengths[order[stop]] <= max_tokens
+        ):
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+class MemberHost:
+    """Runs one member over lists of texts: tokenise, sort by length, micro-batch,
+    forward, and the task's step from the model's outputs to the reducer's input.
+    :class:`EnsembleHost` runs several over table windows.
+
+    Example::
+
+        host = MemberHost(member=cfg.members[0], spec=plan.specs[0], plan=plan)
+        logits = host.infer(["a fine film", "a dull plot"])   # (2, num_labels), aligned
+    """
+
+    def __init__(
+        self,
+        *,
+        member: Any,
+        spec: MemberSpec,
+        plan: EnsemblePlan,
+        threads: int | None = None,
+        backend: MemberBackend | None = None,
+        pool: Executor | None = None,
+    ) -> None:
+        """``pool``: threads to run micro-batches on side by side (CPU torch backends only)."""
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.member = member
+        self.spec = spec
+        self.plan = plan
+        self.task = plan.task
+        device = pick_device(member.num_gpus)
+        self.backend = backend or make_backend(member, self.task, device, threads)
+        self.max_batch_tokens = member.max_batch_tokens or (
+            CPU_BATCH_TOKENS if device == "cpu" else None
+        )
+        parallel = device == "cpu" and getattr(self.backend, "forward_in_threads", False)
+        self.pool = pool if parallel else None
+        # Counters for padding efficiency: real tokens / padded tokens.
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    @property
+    def tokenizer_key(self) -> object:
+        """Members with equal keys tokenise a text the same way: a host tokenises once for them."""
+        return getattr(self.backend, "tokenizer_key", None) or id(self.backend)
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None
+    ) -> dict[str, list[list[int]]]:
+        return self.backend.encode(texts, pairs)
+
+    def infer(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
+        """The member's outputs for a list of valid texts, in their order, float32."""
+        if not texts:
+            return self.run_encoded({"input_ids": []})
+        return self.run_encoded(self.encode(texts, pairs))
+
+    def run_encoded(self, encoded: dict[str, list[list[int]]]) -> np.ndarray:
+        """Sort by length, micro-batch, forward, and the task's step, on rows already tokenised."""
+        cfg = self.plan.config
+        n = len(encoded["input_ids"])
+        if n == 0:
+            return np.zeros((0, self.task.output_width(self.spec, cfg)), dtype=np.float32)
+        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64, count=n)
+        batches = micro_batches(lengths, self.member.batch_size, self.max_batch_tokens)
+        self.real_tokens += int(lengths.sum())
+        self.padded_tokens += sum(len(rows) * int(lengths[rows].max()) for rows in batches)
+
+        def forward(rows: np.ndarray) -> np.ndarray:
+            return self.backend.forward(pad_batch(encoded, rows, self.backend.pad_token_id))
+
+        if self.pool is None or len(batches) == 1:
+            chunks = [forward(rows) for rows in batches]
+        else:
+            chunks = list(self.pool.map(forward, batches))
+        raw = np.empty((n, chunks[0].shape[1]), dtype=np.float32)
+        raw[np.concatenate(batches)] = np.concatenate(chunks)
+        return self.task.member_output(raw, self.spec, cfg)
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else math.nan
 
 
 class UnscorableText(ValueError):
@@ -111,10 +260,7 @@ class EnsembleHost:
             MemberHost(
                 member=by_name[name].model_copy(update={"num_gpus": num_gpus}),
                 spec=specs[name],
-                task=cfg.task,
-                num_labels=cfg.num_labels,
-                text_column=self.text_column,
-                text_pair_column=self.pair_column,
+                plan=plan,
                 threads=threads,
                 backend=backends.get(name),
                 pool=pool,
@@ -175,18 +321,6 @@ class EnsembleHost:
         return batch
 
 
-def _float_lists(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """``(n, k)`` floats as list<float32>, null where not valid."""
-    n, k = values.shape
-    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-    fixed = pa.FixedSizeListArray.from_arrays(flat, k, mask=pa.array(~valid))
-    return fixed.cast(pa.list_(pa.float32()))
-
-
-def _floats(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    return pa.array(np.asarray(values, dtype=np.float64), mask=~valid)
-
-
 def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
     """Each member's ``__member__<name>`` column as an ``(n, width)`` array."""
     outs = []
@@ -197,63 +331,20 @@ def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
     return outs
 
 
-def reduce_members(
-    outputs: list[np.ndarray], *, plan: EnsemblePlan, valid: np.ndarray | None = None
-) -> Reduced:
-    """The reducer on the members' aligned outputs, in config order, as the config says.
-
-    :func:`reduce_batch` wraps it for Arrow tables; the online endpoint calls it on the
-    arrays of a batch, so both paths run the same math with the same settings."""
-    cfg = plan.config
-    return reduce_classification(
-        outputs,
-        member_names=[m.name for m in cfg.members],
-        temperatures=[m.temperature for m in cfg.members],
-        weights=[m.weight for m in cfg.members],
-        method=cfg.reducer.combine,
-        multi_label=plan.multi_label,
-        valid=valid,
-        stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
-    )
-
-
 def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     """Members' outputs in, the output contract's columns out; other columns pass through.
 
     Row-wise and stateless: the host calls it in-process, and with several hosts it is
-    the step where their outputs meet. Online and offline run this same code.
+    the step where their outputs meet. The online endpoint runs the same ``task.reduce``
+    on its arrays and renders the same fields as JSON.
     """
     cfg = plan.config
     names = [m.name for m in cfg.members]
     outputs = member_outputs(batch, names)
-    batch = batch.drop_columns([member_output_column(n) for n in names])
     errors = batch.column("error").to_pylist()
-    batch = batch.drop_columns(["error"])
-    valid = np.array([e is None for e in errors], dtype=bool)
-    weights = [m.weight for m in cfg.members]
-    columns: dict[str, pa.Array] = {}
-    if cfg.task == "embedding":
-        emb = combine_embeddings(outputs, weights, cfg.reducer.combine)
-        columns["embedding"] = _float_lists(emb, valid)
-        if cfg.reducer.output_members:
-            for name, out in zip(names, outputs, strict=True):
-                columns[f"embedding__{name}"] = _float_lists(l2_normalise(out), valid)
-    else:
-        red = reduce_members(outputs, plan=plan, valid=valid)
-        for i, err in enumerate(red.error):
-            if err is not None:
-                errors[i], valid[i] = err, False
-        labels = np.asarray(cfg.labels, dtype=object)
-        columns["label"] = pa.array(labels[red.label], type=pa.string(), mask=~valid)
-        columns["score"] = _floats(red.score, valid)
-        columns["probs"] = _float_lists(red.probs, valid)
-        columns["agreement"] = _floats(red.agreement, valid)
-        columns["entropy"] = _floats(red.entropy, valid)
-        if cfg.reducer.output_members:
-            for name, probs in zip(names, red.member_probs, strict=True):
-                columns[f"probs__{name}"] = _float_lists(probs, valid)
-    columns["error"] = pa.array(errors, type=pa.string())
-    for name, column in columns.items():
+    batch = batch.drop_columns([member_output_column(n) for n in names] + ["error"])
+    scored = plan.task.reduce(outputs, plan=plan, errors=errors)
+    for name, column in plan.task.to_arrow(scored, cfg).items():
         batch = batch.append_column(name, column)
     # Labels travel in the file metadata, so a reader knows what `probs` index.
     meta = {LABELS_METADATA_KEY: json.dumps(cfg.labels or []).encode()}

@@ -5,7 +5,7 @@
     python bench/microbatch_probe.py --threads 2 --token-budget 2048 --max-rows 64
 
 ``--rows-per-batch N``: micro-batches of N rows (a member's ``batch_size`` alone).
-``--token-budget N``: the member host's rule (``actors.member.micro_batches``): as many
+``--token-budget N``: the member host's rule (``actors.host.micro_batches``): as many
 length-sorted rows as keep rows x longest length <= N padded tokens, at most ``--max-rows``
 rows (default 256; a member's ``batch_size``, 64 by default, plays that part in a job).
 Texts, model and tokenisation are bench/offline_throughput.py's.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from offline_throughput import MAX_LENGTH, build_members, load_models, make_texts  # noqa: E402
 
-from actors.member import micro_batches  # noqa: E402
+from actors.host import micro_batches  # noqa: E402
 
 
 def main() -> None:

@@ -102,7 +102,7 @@ def load_models(model_dirs: list[str]) -> list[tuple]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     # The same dtype the members run with (resolve_dtype's auto): half precision on a GPU.
-    from actors.loading import resolve_dtype
+    from actors.backends.base import resolve_dtype
 
     return [
         (
@@ -160,7 +160,7 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
     reader makes (Ray must be running); without, over the naive loop's batches."""
     from transformers import AutoTokenizer
 
-    from actors.member import MemberHost
+    from actors.host import MemberHost
     from pipelines.config import config_from_dict
     from pipelines.offline import window_rows
     from pipelines.plan import plan_ensemble
@@ -186,9 +186,7 @@ def padding_efficiency(members: list[dict], texts: list[str], data: Path | None)
     host = MemberHost(
         member=cfg.members[0],
         spec=plan.specs[0],
-        task="classification",
-        num_labels=2,
-        text_column="text",
+        plan=plan,
         backend=CountingBackend(),
     )
     if data is None:  # the naive loop: input order, batches of 64, one forward each

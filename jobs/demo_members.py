@@ -102,13 +102,18 @@ class MeanPooledHead(nn.Module):
 
 
 def member_outputs(member: Any, task: str, texts: Sequence[str]) -> np.ndarray:
-    """Logits (``classification``) or mean-pooled vectors (``embedding``) of one member in
-    this process, through the same code a scoring job runs (length-sorted micro-batches)."""
-    from actors.loading import MemberSpec
-    from actors.member import MemberHost
+    """Logits (``classification``: two, in the model's own order) or mean-pooled vectors
+    (``embedding``) of one member in this process, through the same code a scoring job
+    runs (length-sorted micro-batches)."""
+    from actors.host import MemberHost
+    from actors.tasks import MemberSpec
+    from pipelines.config import EnsembleConfig
+    from pipelines.plan import EnsemblePlan
 
-    spec = MemberSpec(member.name, (0, 1), False, False, (), None)
-    host = MemberHost(member=member, spec=spec, task=task, num_labels=2, text_column="text")
+    # Unvalidated on purpose: a probe of one member, with its outputs taken as they come.
+    cfg = EnsembleConfig.model_construct(name="probe", task=task, labels=["0", "1"])
+    spec = MemberSpec(member.name, label_index=(0, 1))
+    host = MemberHost(member=member, spec=spec, plan=EnsemblePlan(cfg, (spec,)))
     return host.infer(list(texts))
 
 

@@ -78,12 +78,7 @@ def build_classifier(
     fine-tune wants the usual 0.02.
     """
     import torch
-    from transformers import (
-        AutoModel,
-        AutoModelForSequenceClassification,
-        BertConfig,
-        DistilBertConfig,
-    )
+    from transformers import BertConfig, DistilBertConfig
 
     path = Path(path)
     tokenizer = build_tokenizer(path, words=words, lowercase=lowercase)
@@ -114,7 +109,11 @@ def build_classifier(
     else:
         raise ValueError(f"unknown arch {arch!r}: bert | distilbert")
     torch.manual_seed(seed)
-    cls = AutoModel if task == "embedding" else AutoModelForSequenceClassification
+    import transformers
+
+    from actors.tasks import get_task
+
+    cls = getattr(transformers, get_task(task).hf_model_class)
     model = cls.from_config(config)
     model.eval()
     model.save_pretrained(str(path))

@@ -14,23 +14,25 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from actors.member import BACKENDS
-from actors.reducer import CLASSIFICATION_COMBINE, EMBEDDING_COMBINE
+from actors.backends import BACKENDS, DEFAULT_BACKEND, backend_kind
+from actors.tasks import TASKS, all_output_names, get_task
 
 __all__ = [
     "COMBINE_METHODS",
@@ -44,27 +46,11 @@ __all__ = [
     "load_config",
 ]
 
-COMBINE_METHODS = tuple(dict.fromkeys(CLASSIFICATION_COMBINE + EMBEDDING_COMBINE))
+COMBINE_METHODS = tuple(dict.fromkeys(c for t in TASKS.values() for c in t.combine_methods))
 
-
-def _one_of(names: Iterable[str], what: str) -> Any:
-    """A string type that takes only ``names`` (a registry's keys), saying so when not."""
-    allowed = tuple(names)
-
-    def check(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"'{value}' is not {what}; use one of {list(allowed)}")
-        return value
-
-    return Annotated[str, AfterValidator(check)]
-
-
-BackendName = _one_of(BACKENDS, "a backend")
-CombineName = _one_of(COMBINE_METHODS, "a combination")
-
-# Columns the scorer writes; an input column with one of these names would be overwritten.
-OUTPUT_COLUMNS = ("label", "score", "probs", "agreement", "entropy", "error", "embedding")
-MEMBER_OUTPUT_PREFIXES = ("probs__", "embedding__")
+# Columns the scorer writes for some task; an input column with one of these names would
+# be overwritten (the declaration is the tasks' output fields).
+OUTPUT_COLUMNS, MEMBER_OUTPUT_PREFIXES = all_output_names()
 
 
 class ConfigError(ValueError):
@@ -220,10 +206,11 @@ class MemberConfig(_Strict):
     train: TrainConfig | None = Field(
         None, description="Fine-tuning settings used by `ray-ensemble train`."
     )
-    backend: BackendName = Field(
-        "hf",
-        description="hf: a transformers model directory or hub id; torch: a plain nn.Module "
-        "(`module`) with safetensors weights; onnx: an ONNX file run with onnxruntime.",
+    backend: str = Field(
+        DEFAULT_BACKEND,
+        description=f"The runtime that loads and runs the model: {' | '.join(BACKENDS)}. Each "
+        "backend takes keys of its own (see README.md, 'Members that are not transformers "
+        "models').",
     )
 
     # `register` would shadow BaseModel.register (from ABCMeta); the key users write is it.
@@ -233,28 +220,10 @@ class MemberConfig(_Strict):
         description="Modules imported before loading, e.g. to register a custom architecture "
         "with AutoConfig / AutoModelForSequenceClassification (no trust_remote_code needed).",
     )
-    module: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-        description="backend torch: the nn.Module class as `package.module:Class`.",
-    )
-    module_config: dict[str, Any] | None = Field(
-        None,
-        description="backend torch: keyword arguments for the class; default: the model "
-        "directory's config.json.",
-    )
     tokenizer: str | None = Field(
         None,
         description="Tokenizer directory or hub id; default: the model directory (the ONNX "
         "file's folder for onnx).",
-    )
-    output_labels: list[str] | None = Field(
-        None,
-        description="backend torch / onnx: the label of each output, in order (default: the "
-        "ensemble's labels); label_map applies to them.",
-    )
-    onnx_output: str | None = Field(
-        None, description="backend onnx: the output to read (default: the first)."
     )
 
     @field_validator("register_modules", mode="before")
@@ -263,26 +232,13 @@ class MemberConfig(_Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _backend_keys(self) -> MemberConfig:
-        if self.backend == "torch" and not self.module:
+    def _trainable(self) -> MemberConfig:
+        if self.train is not None and not backend_kind(self.backend).trainable:
+            able = [n for n in BACKENDS if backend_kind(n).trainable]
             raise ValueError(
-                "module: backend torch needs the nn.Module class, e.g. module: my_models:TextCNN"
+                f"train: members of backend {self.backend} cannot be trained, only those of "
+                f"backend {' or '.join(able)}"
             )
-        # Keys that only some backends read, and which.
-        only_for = {
-            "module": ("torch",),
-            "module_config": ("torch",),
-            "onnx_output": ("onnx",),
-            "output_labels": ("torch", "onnx"),
-        }
-        for key, backends in only_for.items():
-            if getattr(self, key) is not None and self.backend not in backends:
-                raise ValueError(
-                    f"{key}: only for backend {' or '.join(backends)} (this member's backend "
-                    f"is {self.backend}); remove it or set backend: {backends[0]}"
-                )
-        if self.train is not None and self.backend != "hf":
-            raise ValueError(f"train: only Hugging Face members can be trained, not {self.backend}")
         return self
 
     @property
@@ -290,14 +246,45 @@ class MemberConfig(_Strict):
         return replica_range(self.replicas)
 
 
+def _member_type(name: str) -> type[MemberConfig]:
+    """MemberConfig with backend ``name``'s own keys: one branch of the member union."""
+    options = backend_kind(name).Options
+    return create_model(
+        f"{options.__module__.rsplit('.', 1)[-1]}_member",
+        __base__=(MemberConfig, options),
+        __module__=__name__,
+        backend=(
+            Literal[name],
+            Field(name, description=MemberConfig.model_fields["backend"].description),
+        ),
+    )
+
+
+MEMBER_TYPES = {name: _member_type(name) for name in BACKENDS}
+
+
+def _backend_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("backend", DEFAULT_BACKEND)
+    return getattr(value, "backend", DEFAULT_BACKEND)
+
+
+# A member: the common keys plus those of its backend, told apart by `backend`.
+AnyMember = Annotated[
+    Union[tuple(Annotated[t, Tag(n)] for n, t in MEMBER_TYPES.items())],  # noqa: UP007
+    Discriminator(_backend_of),
+]
+
+
 class ReducerConfig(_Strict):
     """How the members' outputs are combined."""
 
-    combine: CombineName = Field(
-        None,  # type: ignore[assignment]  # filled per task below
-        description=f"classification: {' | '.join(CLASSIFICATION_COMBINE)}; embedding: "
-        f"{' | '.join(EMBEDDING_COMBINE)}. Default: weighted_mean (classification), mean "
-        "(embedding).",
+    combine: str = Field(
+        None,  # type: ignore[assignment]  # the task's default, filled below
+        description="; ".join(
+            f"{t.name}: {' | '.join(t.combine_methods)} (default {t.default_combine})"
+            for t in TASKS.values()
+        ),
     )
     output_members: bool = Field(True, description="Also write each member's distribution.")
 
@@ -361,12 +348,10 @@ class EnsembleConfig(_Strict):
     """The whole ensemble: its members and how they are combined."""
 
     name: str = Field(..., min_length=1, description="Name of the ensemble.")
-    task: Literal["classification", "embedding"] = Field(
-        "classification", description="classification | embedding"
-    )
+    task: str = Field(next(iter(TASKS)), description=" | ".join(TASKS), validate_default=True)
     labels: list[str] | None = Field(None, description="Canonical label order (classification).")
     input: InputConfig = Field(default_factory=InputConfig, description="Input columns.")
-    members: list[MemberConfig] = Field(..., min_length=1, description="The member models.")
+    members: list[AnyMember] = Field(..., min_length=1, description="The member models.")
     reducer: ReducerConfig = Field(default_factory=ReducerConfig, description="Combination.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Online serving.")
 
@@ -375,10 +360,16 @@ class EnsembleConfig(_Strict):
     def _default_combine(cls, data: Any) -> Any:
         if isinstance(data, dict):
             reducer = data.get("reducer") or {}
-            if isinstance(reducer, dict) and reducer.get("combine") is None:
-                default = "mean" if data.get("task") == "embedding" else "weighted_mean"
-                data = {**data, "reducer": {**reducer, "combine": default}}
+            task = TASKS.get(data.get("task", next(iter(TASKS))))
+            if isinstance(reducer, dict) and reducer.get("combine") is None and task:
+                data = {**data, "reducer": {**reducer, "combine": task.default_combine}}
         return data
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        get_task(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> EnsembleConfig:
@@ -386,34 +377,7 @@ class EnsembleConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate member name(s) {dupes}: give every member a unique name")
-        combine = self.reducer.combine
-        if self.task == "classification":
-            if not self.labels:
-                raise ValueError(
-                    "labels: a classification ensemble needs its canonical labels, "
-                    "e.g. labels: [negative, positive]"
-                )
-            lowered = [label.lower() for label in self.labels]
-            if len(set(lowered)) != len(lowered):
-                raise ValueError(f"labels: {self.labels} has duplicates (case-insensitive)")
-            if combine not in CLASSIFICATION_COMBINE:
-                raise ValueError(
-                    f"reducer.combine: '{combine}' is for embeddings; use one of "
-                    f"{list(CLASSIFICATION_COMBINE[:-1])}"
-                )
-            if combine == "stacking" and not self.reducer.stacking:
-                raise ValueError(
-                    "reducer.stacking: 'combine: stacking' needs the meta-model file; make "
-                    "one with `ray-ensemble fit CONFIG --combine stacking ...`"
-                )
-        else:
-            if self.labels:
-                raise ValueError("labels: an embedding ensemble has no labels; remove the key")
-            if combine not in EMBEDDING_COMBINE:
-                raise ValueError(
-                    f"reducer.combine: '{combine}' is for classification; an "
-                    f"embedding ensemble takes one of {list(EMBEDDING_COMBINE)}"
-                )
+        get_task(self.task).check_config(self)
         if sum(m.weight for m in self.members) <= 0:
             raise ValueError("members[*].weight: at least one member needs a weight above 0")
         if self.input.text_pair_column == self.input.text_column:
@@ -426,15 +390,7 @@ class EnsembleConfig(_Strict):
 
     def output_columns(self) -> list[str]:
         """The columns the scorer adds to each input row, in order."""
-        if self.task == "embedding":
-            cols = ["embedding"]
-            prefix = "embedding__"
-        else:
-            cols = ["label", "score", "probs", "agreement", "entropy"]
-            prefix = "probs__"
-        if self.reducer.output_members:
-            cols += [prefix + m.name for m in self.members]
-        return cols + ["error"]
+        return get_task(self.task).output_columns(self)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -457,23 +413,37 @@ def resolve_model_path(model: str, base_dir: Path) -> str:
     return model
 
 
+def _member_key_message(key: str, backend: str) -> str:
+    """An unknown member key that some other backend takes says which one."""
+    owners = [n for n, t in MEMBER_TYPES.items() if key in t.model_fields and n != backend]
+    if owners and key not in MemberConfig.model_fields:
+        return (
+            f"only for backend {' or '.join(owners)} (this member's backend is {backend}); "
+            f"remove it or set backend: {owners[0]}"
+        )
+    return "unknown key; remove it or check its spelling (see the config reference in README.md)"
+
+
 def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = [f"{source}: invalid config"]
     items = err.errors()
-    union_tags = ("int", "Replicas", "function-after[_ordered(), Replicas]")
+    union_tags = ("int", "Replicas", "function-after[_ordered(), Replicas]", *MEMBER_TYPES)
     # `replicas` is a number or {min, max}: report only the branch the user wrote.
     items = [i for i in items if not ("int" in i["loc"] and isinstance(i["input"], dict))]
     for item in items:
         loc = ""
         node = data
-        for part in item["loc"]:
+        backend = None
+        for depth, part in enumerate(item["loc"]):
             if isinstance(part, int):
                 loc += f"[{part}]"
                 if isinstance(node, list) and part < len(node) and isinstance(node[part], dict):
                     name = node[part].get("name")
                     if name:
                         loc += f" ({name})"
-            elif part in union_tags:
+            elif part in union_tags and not (isinstance(node, dict) and part in node):
+                if depth == 2 and item["loc"][0] == "members":
+                    backend = part
                 continue  # union branch names say nothing to a user
             else:
                 loc += f".{part}" if loc else str(part)
@@ -487,8 +457,20 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
                 )
             )
         msg = item["msg"].removeprefix("Value error, ")
+        key = item["loc"][-1] if item["loc"] else None
         if item["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling (see the config reference in README.md)"
+            msg = (
+                _member_key_message(str(key), backend)
+                if backend
+                else "unknown key; remove it or check its spelling (see the config reference "
+                "in README.md)"
+            )
+        elif item["type"] == "missing" and backend and key in MEMBER_TYPES[backend].model_fields:
+            description = MEMBER_TYPES[backend].model_fields[key].description or ""
+            msg = f"backend {backend} needs it: {description}"
+        elif item["type"] == "union_tag_invalid":
+            loc += ".backend"
+            msg = f"'{item['input'].get('backend')}' is not a backend; use one of {list(BACKENDS)}"
         elif item["type"] == "literal_error":
             msg = f"{msg}, got {item.get('input')!r}"
         lines.append(f"  {loc or '(top level)'}: {msg}")
@@ -536,17 +518,18 @@ def config_from_dict(
                 model = str(local_path(member.model, base_dir))
                 if not for_training and not Path(model).is_dir():
                     raise FileNotFoundError(model)
-            elif member.backend == "hf":
+            elif not backend_kind(member.backend).local_files:
                 model = resolve_model_path(member.model, base_dir)
             else:
-                # torch and onnx members are local: there is no hub for them here.
+                # No hub serves this backend's models: the path must be here.
                 model = str(local_path(member.model, base_dir))
                 if not Path(model).exists():
                     raise FileNotFoundError(model)
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"{source}: members[{i}] ({member.name}).model: "
-                f"{'directory' if member.backend == 'hf' else 'path'} {exc} does not "
+                f"{'path' if backend_kind(member.backend).local_files else 'directory'} {exc} "
+                "does not "
                 "exist; fix the path (relative paths are read from the config file's "
                 "folder), train the member first (`ray-ensemble train`), or give a hub id"
             ) from None

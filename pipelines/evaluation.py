@@ -7,13 +7,22 @@ them (accuracy, macro-F1, confusion matrix); NLL, Brier score and ECE are a line
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.fitting import NLL_FLOOR, check_single_label, label_indices, nll
+from actors.tasks.classification import (
+    ECE_BINS,
+    NLL_FLOOR,
+    brier,
+    calibration_bins,
+    ece,
+)
+from actors.tasks.classification import metrics as classification_metrics
+from pipelines.fitting import check_single_label, label_indices
 from pipelines.offline import score
 from pipelines.plan import EnsemblePlan
 
@@ -26,61 +35,11 @@ __all__ = [
     "render_report",
 ]
 
-ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 # The true label's column in the scored files: the input's own name may be `label`,
 # which the scorer writes too.
 TRUTH_COLUMN = "true_label"
-
-
-def brier(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean over rows of Σₖ (pₖ − 1[k = y])²."""
-    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
-    onehot = np.eye(p.shape[1])[y]
-    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
-
-
-def calibration_bins(
-    probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS
-) -> list[tuple[float, float, int]]:
-    """Per non-empty equal-width bin of top-label confidence: (mean confidence, accuracy,
-    rows)."""
-    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    out = []
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            out.append(
-                (float(conf[in_bin].mean()), float(correct[in_bin].mean()), int(in_bin.sum()))
-            )
-    return out
-
-
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top label, over ``bins`` equal-width bins."""
-    return float(
-        sum(n / len(y) * abs(acc - conf) for conf, acc, n in calibration_bins(probs, y, bins))
-    )
-
-
-def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
-    pred = p.argmax(axis=1)
-    return {
-        "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(
-            f1_score(y, pred, average="macro", labels=list(range(p.shape[1])), zero_division=0)
-        ),
-        "nll": nll(p, y),
-        "brier": brier(p, y),
-        "ece": ece(p, y),
-    }
 
 
 def _plots(
@@ -233,7 +192,7 @@ def evaluate(
         cfg = cfg.model_copy(
             update={"reducer": cfg.reducer.model_copy(update={"output_members": True})}
         )
-        plan = EnsemblePlan(cfg, plan.specs, plan.multi_label, plan.stacking)
+        plan = dataclasses.replace(plan, config=cfg)
     summary = score(
         plan,
         input_path,
@@ -243,8 +202,19 @@ def evaluate(
         cpu_fallback=cpu_fallback,
     )
     names = [m.name for m in cfg.members]
+    # The distributions are the task's declared output fields: the ensemble's and each
+    # member's column of the field named `probs`.
+    task = plan.task
+    ensemble_field = next(f for f in task.fields if f.name == "probs" and not f.member)
+    member_field = next(f for f in task.fields if f.name == "probs" and f.member)
     table = pq.read_table(
-        report / "scored", columns=[TRUTH_COLUMN, "error", "probs", *(f"probs__{n}" for n in names)]
+        report / "scored",
+        columns=[
+            TRUTH_COLUMN,
+            "error",
+            ensemble_field.column(),
+            *(member_field.column(n) for n in names),
+        ],
     )
     y_all = label_indices(table.column(TRUTH_COLUMN).to_pylist(), cfg.labels, label_column)
     ok = (y_all >= 0) & np.array([e is None for e in table.column("error").to_pylist()])
@@ -254,14 +224,14 @@ def evaluate(
         rows = table.column(column).to_pylist()
         return np.array([r for r, keep in zip(rows, ok, strict=True) if keep], dtype=np.float64)
 
-    probs = {n: matrix(f"probs__{n}") for n in names}
-    probs["ensemble"] = matrix("probs")
+    probs = {n: matrix(member_field.column(n)) for n in names}
+    probs["ensemble"] = matrix(ensemble_field.column())
     if len(y) == 0:
         raise ValueError("no row had both a label and a score; nothing to evaluate")
     tops = {n: np.nan_to_num(probs[n], nan=0.0).argmax(axis=1) for n in names}
     metrics = {
-        "members": {n: classification_metrics(probs[n], y) for n in names},
-        "ensemble": classification_metrics(probs["ensemble"], y),
+        "members": {n: task.metrics(probs[n], y) for n in names},
+        "ensemble": task.metrics(probs["ensemble"], y),
         "agreement": {
             f"{a}|{b}": float(np.mean(tops[a] == tops[b]))
             for i, a in enumerate(names)

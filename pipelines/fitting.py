@@ -21,8 +21,7 @@ import numpy as np
 import yaml
 from scipy.optimize import minimize, minimize_scalar
 
-from actors.host import member_outputs
-from actors.member import member_output_column
+from actors.host import member_output_column, member_outputs
 from actors.reducer import (
     FIT_CANDIDATES,
     FITTED_COMBINE,
@@ -31,6 +30,7 @@ from actors.reducer import (
     normalise,
     stacking_features,
 )
+from actors.tasks.classification import nll
 from pipelines.config import ConfigError, EnsembleConfig, load_config
 from pipelines.io import (
     InputError,
@@ -60,13 +60,10 @@ __all__ = [
     "write_fitted_config",
 ]
 
-# Probabilities are floored here in the NLL, so one confident mistake cannot make it inf.
-NLL_FLOOR = 1e-12
-
 
 def check_single_label(plan: EnsemblePlan, command: str) -> None:
     cfg = plan.config
-    if cfg.task != "classification" or plan.multi_label:
+    if not plan.task.fittable or plan.multi_label:
         raise ConfigError(
             f"`ray-ensemble {command}` works on single-label classification ensembles; this one "
             f"is {'multi-label' if plan.multi_label else cfg.task}"
@@ -155,17 +152,11 @@ def collect_member_outputs(
                 outs[i].append(out)
     y = label_indices(ys, cfg.labels, label_column)
     ok = (y >= 0) & np.array([e is None for e in errors], dtype=bool)
-    width = cfg.num_labels
+    width = len(cfg.labels)
     logits = [
         (np.concatenate(o) if o else np.empty((0, width)))[ok].astype(np.float64) for o in outs
     ]
     return LabelledOutputs(names, logits, y[ok], int((~ok).sum()))
-
-
-def nll(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true labels; a missing label reads as 0."""
-    p = np.nan_to_num(np.asarray(probs, dtype=np.float64)[np.arange(len(y)), y], nan=0.0)
-    return float(-np.mean(np.log(np.clip(p, NLL_FLOOR, 1.0))))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

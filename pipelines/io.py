@@ -28,7 +28,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +36,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-if TYPE_CHECKING:
-    from pipelines.config import EnsembleConfig
+from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS, EnsembleConfig
 
 __all__ = [
     "FILE_COLUMN",
@@ -170,8 +168,6 @@ def check_input(
     named. ``allow``: columns that may share an output column's name (they are renamed
     or never reach the output).
     """
-    from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS
-
     files, fmt, root = list_input_files(input_path)
     unreadable: list[str] = []
     columns_of: dict[Path, list[str]] = {}

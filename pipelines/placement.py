@@ -12,12 +12,9 @@ GPU sizes come from the driver's own GPUs when it has them, else from the nodes'
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 
-from actors.loading import MemberLoadError
+from actors.backends import backend_kind
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 
 __all__ = ["GpuNeed", "check_gpu_fit", "cluster_gpus", "estimate_gpu_need", "weight_bytes"]
@@ -40,8 +37,6 @@ ACCELERATOR_MEMORY_GIB = {
 }
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 ACTIVATION_SHARE = 0.2  # of the weights, for a batch of activations at inference
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
 @dataclass(frozen=True)
@@ -52,46 +47,10 @@ class GpuNeed:
     weights: int  # of which weights, in the dtype it runs with
 
 
-def _safetensors_elements(path: Path) -> tuple[int, int]:
-    """(parameters, bytes as stored) from a safetensors header, without reading the data."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    params = stored = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in info["shape"]:
-            count *= dim
-        params += count
-        stored += count * SAFETENSORS_BYTES.get(info["dtype"], 4)
-    return params, stored
-
-
 def weight_bytes(member: MemberConfig, *, on_gpu: bool = True) -> int | None:
-    """Bytes of the member's weights in the dtype it runs with; None when unknown (a hub
-    id that is not downloaded)."""
-    path = Path(member.model)
-    if member.backend == "onnx":
-        from actors.backends import find_onnx_file
-
-        try:
-            return find_onnx_file(member.model).stat().st_size
-        except MemberLoadError:  # not one .onnx file: plan_ensemble has said so already
-            return None
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not files:
-        bins = sorted(path.glob("*.bin")) if path.is_dir() else []
-        return sum(f.stat().st_size for f in bins) if bins else None
-    params = stored = 0
-    for f in files:
-        p, s = _safetensors_elements(f)
-        params, stored = params + p, stored + s
-    if member.dtype in DTYPE_BYTES:
-        return params * DTYPE_BYTES[member.dtype]
-    # auto: half precision on a GPU, as stored otherwise.
-    return params * 2 if on_gpu else stored
+    """Bytes of the member's weights in the dtype it runs with (its backend estimates
+    them from the files' headers); None when unknown, e.g. a hub id not downloaded."""
+    return backend_kind(member.backend).weight_bytes(member, on_gpu)
 
 
 def estimate_gpu_need(member: MemberConfig) -> GpuNeed | None:

@@ -20,8 +20,9 @@ import logging
 import math
 from dataclasses import dataclass
 
-from actors.loading import MemberLoadError, MemberSpec, describe_member
-from actors.reducer import UNWEIGHTED_COMBINE
+from actors.backends import backend_kind
+from actors.backends.base import BackendError, import_member_modules
+from actors.tasks import HeadMismatch, MemberSpec, Task, get_task
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 from pipelines.stacking import StackingModel
 
@@ -48,62 +49,42 @@ class EnsemblePlan:
 
     config: EnsembleConfig
     specs: tuple[MemberSpec, ...]
-    multi_label: bool
+    multi_label: bool = False
     stacking: StackingModel | None = None
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.config.task)
+
+
+def describe_member(member: MemberConfig, cfg: EnsembleConfig) -> MemberSpec:
+    """Read what the task needs of a member's model (not its weights) and check its head.
+
+    Raises BackendError (the files cannot be used) or HeadMismatch (the head does not
+    fit the task)."""
+    import_member_modules(member)
+    task = get_task(cfg.task)
+    head = backend_kind(member.backend).describe(member, task)
+    return task.member_spec(member, head, cfg)
 
 
 def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
-    """Read every member's model config and align its labels; raises ConfigError."""
+    """Read every member's model config and check it fits the task; raises ConfigError."""
+    task = get_task(cfg.task)
     specs = []
     for i, member in enumerate(cfg.members):
         try:
             specs.append(describe_member(member, cfg))
-        except MemberLoadError as exc:
+        except (BackendError, HeadMismatch) as exc:
             raise ConfigError(f"members[{i}] ({member.name}): {exc}") from None
-    multi = {s.name: s.multi_label for s in specs}
-    if cfg.task == "classification" and len(set(multi.values())) > 1:
-        raise ConfigError(
-            "members mix single-label (softmax) and multi-label (sigmoid) heads "
-            f"{multi}; an ensemble needs one kind: set problem_type in the models' config.json"
-        )
-    if cfg.task == "embedding" and cfg.reducer.combine == "mean":
-        # A torch member's size is known only once it runs; the reducer checks it then.
-        dims = {s.name: s.hidden_size for s in specs if s.hidden_size is not None}
-        if len(set(dims.values())) > 1:
-            raise ConfigError(
-                f"reducer.combine: mean needs members of one embedding size, got {dims}; "
-                "use combine: concat"
-            )
-    multi_label = any(multi.values())
+    try:
+        settings = task.check_plan(cfg, specs)
+    except HeadMismatch as exc:
+        raise ConfigError(str(exc)) from None
     stacking = None
     if cfg.reducer.combine == "stacking":
-        if multi_label:
-            raise ConfigError(
-                "reducer.combine: stacking is for single-label ensembles; these members are "
-                "multi-label: use weighted_mean or geometric_mean"
-            )
         stacking = StackingModel.load(cfg.reducer.stacking, cfg)
-    elif cfg.task == "classification":
-        _check_every_label_has_a_voter(cfg, specs)
-    return EnsemblePlan(cfg, tuple(specs), multi_label, stacking)
-
-
-def _check_every_label_has_a_voter(cfg: EnsembleConfig, specs: list[MemberSpec]) -> None:
-    """A canonical label no voting member has would get NaN scores (offline) and fail
-    requests (online): refuse it here instead."""
-    weighted = cfg.reducer.combine not in UNWEIGHTED_COMBINE
-    voters = [s for s, m in zip(specs, cfg.members, strict=True) if m.weight > 0 or not weighted]
-    covered = {
-        i for s in voters for i in (range(cfg.num_labels) if s.single_logit else s.label_index)
-    }
-    missing = [label for i, label in enumerate(cfg.labels or []) if i not in covered]
-    if missing:
-        who = "member" + (" with weight > 0" if weighted else "")
-        raise ConfigError(
-            f"labels: no {who} can vote for {missing}; give a member that has "
-            f"{'this label' if len(missing) == 1 else 'these labels'} a weight above 0, map "
-            "one onto it with label_map, or remove it from labels"
-        )
+    return EnsemblePlan(cfg, tuple(specs), stacking=stacking, **settings)
 
 
 @dataclass(frozen=True)

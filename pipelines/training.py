@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.tasks import get_task
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 from pipelines.fitting import label_indices
 from pipelines.io import InputError, list_input_files, peek_columns, read_column, require_column
@@ -43,8 +44,8 @@ class TrainSet:
 def read_train_set(cfg: EnsembleConfig, input_path: str | Path, label_column: str) -> TrainSet:
     """The labelled rows, checked before Ray starts: unknown labels are a usage error;
     rows with no label or no usable text are skipped (and counted)."""
-    if cfg.task != "classification":
-        raise ConfigError("`ray-ensemble train` trains classifiers; this ensemble is embedding")
+    if not get_task(cfg.task).trainable:
+        raise ConfigError(f"`ray-ensemble train` trains classifiers; this ensemble is {cfg.task}")
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
     text, pair = cfg.input.text_column, cfg.input.text_pair_column

@@ -356,8 +356,8 @@ def test_backend_keys_are_checked(member, needle, tmp_path):
 
 
 def test_weights_that_do_not_fit_the_class_fail_with_the_names(custom, tmp_path):
-    from actors.backends import build_module
-    from actors.loading import MemberLoadError
+    from actors.backends.base import BackendError
+    from actors.backends.torch_module import build_module
 
     cfg = config_from_dict(
         {
@@ -375,6 +375,6 @@ def test_weights_that_do_not_fit_the_class_fail_with_the_names(custom, tmp_path)
         },
         base_dir=tmp_path,
     )
-    with pytest.raises(MemberLoadError) as err:
+    with pytest.raises(BackendError) as err:
         build_module(cfg.members[0])
     assert "embed.weight" in str(err.value)

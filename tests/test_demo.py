@@ -67,7 +67,8 @@ def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoTokenizer
 
-    from actors.member import make_backend, pad_batch
+    from actors.host import make_backend, pad_batch
+    from actors.tasks import get_task
     from jobs.demo_members import train_bag_of_pieces
     from pipelines.config import MemberConfig
 
@@ -90,7 +91,7 @@ def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp
         tokenizer=str(base),
         max_length=64,
     )
-    backend = make_backend(member, "classification", "cpu")
+    backend = make_backend(member, get_task("classification"), "cpu")
     encoded = backend.encode(queries, None)
     logits = backend.forward(pad_batch(encoded, range(len(queries)), backend.pad_token_id))
     probs = _softmax(logits)

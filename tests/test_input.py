@@ -236,7 +236,7 @@ def test_commit_verify_publish_and_the_flags(job, tmp_path):
 
 
 def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
-    from actors.loading import MemberSpec
+    from actors.tasks import MemberSpec
     from pipelines.offline import ScoreJob, run_job
     from pipelines.output import PUBLISH_FILE
     from pipelines.plan import EnsemblePlan
@@ -257,8 +257,8 @@ def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
     assert not (out / SUCCESS).exists()
 
     resumed = prepare_output(out, path, config, inputs, resume=True)
-    spec = MemberSpec("a", (0, 1), False, False, ("negative", "positive"), None)
-    summary = run_job(ScoreJob(EnsemblePlan(config, (spec,), False), inputs, resumed))
+    spec = MemberSpec("a", (0, 1), model_labels=("negative", "positive"))
+    summary = run_job(ScoreJob(EnsemblePlan(config, (spec,)), inputs, resumed))
     assert (summary.rows, summary.errors, summary.files) == (6, 0, 2)
     assert sorted(p.name for p in out.iterdir()) == sorted([SUCCESS, *success["parts"]])
     assert pq.read_table(out).column("id").to_pylist() == [f"x{i}" for i in range(6)]

@@ -6,12 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.host import EnsembleHost
-from actors.loading import describe_member
-from actors.member import CPU_BATCH_TOKENS, MemberHost, member_output_column, micro_batches
+from actors.host import (
+    CPU_BATCH_TOKENS,
+    EnsembleHost,
+    MemberHost,
+    member_output_column,
+    micro_batches,
+)
 from jobs.example import make_texts
 from pipelines.config import config_from_dict
-from pipelines.plan import plan_ensemble
+from pipelines.plan import EnsemblePlan, describe_member, plan_ensemble
 from tests.oracle import plain_embeddings, plain_logits
 
 
@@ -28,20 +32,14 @@ def make_host(
         {
             "name": "t",
             "task": task,
-            "labels": list(labels) if task == "classification" else None,
+            "labels": list(labels) if labels else None,
             "members": [{"name": model, "model": str(models[model]), **member_kw}],
         },
         base_dir=tmp_path,
     )
     # The member alone: ensemble-level checks (every label has a voter) are not its concern.
-    return MemberHost(
-        member=cfg.members[0],
-        spec=describe_member(cfg.members[0], cfg),
-        task=task,
-        num_labels=cfg.num_labels,
-        text_column="text",
-        threads=1,
-    )
+    spec = describe_member(cfg.members[0], cfg)
+    return MemberHost(member=cfg.members[0], spec=spec, plan=EnsemblePlan(cfg, (spec,)), threads=1)
 
 
 def batch_of(texts, errors=None) -> pa.Table:
@@ -184,7 +182,7 @@ def test_single_logit_head(models, tmp_path):
 
 
 def test_embedding_host_mean_pools(models, tmp_path):
-    host = make_host(models, "encoder", tmp_path, task="embedding")
+    host = make_host(models, "encoder", tmp_path, labels=None, task="embedding")
     texts = make_texts(5, seed=2)
     np.testing.assert_allclose(
         host.infer(texts), plain_embeddings(models["encoder"], texts), atol=1e-5

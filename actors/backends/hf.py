@@ -1,0 +1,198 @@
+"""Hugging Face transformers models: a model directory or a hub id.
+
+The task chooses the head (``task.hf_model_class``) and the step after the forward pass
+(``task.from_model_output``). Weights load safetensors first; a model runs its own code
+only with ``trust_remote_code: true``.
+
+A decoder-only classifier (Llama, Qwen2, GPT-2, ...) reads its logits at the last token
+that is not padding, so it needs a pad token id in its config: when the config has none,
+the tokenizer's pad token, or else its EOS token, is used for padding and set on the
+config; a model with neither is refused at plan time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.backends.base import (
+    TOKEN_INPUTS,
+    BackendError,
+    BackendOptions,
+    TokenizedBackend,
+    resolve_dtype,
+    safetensors_bytes,
+)
+from actors.tasks.base import HeadInfo
+
+__all__ = ["HFBackend", "Options", "describe", "load", "weight_bytes"]
+
+local_files = False  # a hub id works too
+trainable = True
+
+
+class Options(BackendOptions):
+    """transformers members take only the common member keys."""
+
+
+def read_config(member: Any) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(member.model, trust_remote_code=member.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
+        where = "directory" if Path(member.model).is_dir() else "hub id"
+        hint = (
+            "check that it holds a Hugging Face model (config.json)"
+            if where == "directory"
+            else "check the id and your network, or download the model and point `model` at "
+            "the local directory"
+        )
+        if "does not recognize this architecture" in str(exc):
+            hint = (
+                "this architecture is not in transformers: name the module that registers it "
+                "(AutoConfig.register / AutoModelForSequenceClassification.register) under "
+                "`register:`, or set trust_remote_code: true if the model ships its own code "
+                "and you trust it"
+            )
+        elif "trust_remote_code" in str(exc):
+            hint = "this model runs its own code: set trust_remote_code: true only if you trust it"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackendError(
+            f"model: cannot load a model config from {where} '{member.model}': {first}; {hint}"
+        ) from None
+
+
+def _decoder_only(config: Any) -> bool:
+    """Models whose classifier pools the last non-pad token: causal LMs with no masked-LM
+    form (BERT-likes appear in both tables and pool their first token)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    return (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def _tokenizer(member: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    source = member.tokenizer or member.model
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=member.trust_remote_code)
+    except Exception as exc:  # transformers raises many kinds for a folder without a tokenizer
+        raise BackendError(
+            f"tokenizer: cannot load a tokenizer from '{source}' ({type(exc).__name__}); set "
+            "`tokenizer:` to a directory with tokenizer.json and tokenizer_config.json"
+        ) from None
+
+
+def pad_token_id(config: Any, tokenizer: Any) -> int | None:
+    """The id to pad with: the config's, else the tokenizer's pad token, else its EOS."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for candidate in (
+        getattr(text, "pad_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(text, "eos_token_id", None),
+    ):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return None
+
+
+def describe(member: Any, task: Any) -> HeadInfo:
+    config = read_config(member)
+    if task.hf_model_class == "AutoModelForSequenceClassification" and _decoder_only(config):
+        if pad_token_id(config, _tokenizer(member)) is None:
+            raise BackendError(
+                f"model: {type(config).__name__} is decoder-only: its classifier reads the "
+                "last token that is not padding, but neither its config nor its tokenizer "
+                "names a pad or EOS token; set pad_token_id in the model's config.json or "
+                "pad_token in its tokenizer_config.json"
+            )
+    num = int(getattr(config, "num_labels", 0) or 0)
+    id2label = getattr(config, "id2label", None) or {}
+    labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num))
+    return HeadInfo(
+        architectures=tuple(getattr(config, "architectures", None) or ()),
+        labels=labels,
+        problem_type=getattr(config, "problem_type", None),
+        hidden_size=getattr(config, "hidden_size", None) or getattr(config, "dim", None),
+    )
+
+
+class HFBackend(TokenizedBackend):
+    """A transformers model run under ``torch.inference_mode``; the task reads its output."""
+
+    forward_in_threads = True
+
+    def __init__(self, member: Any, task: Any, device: str) -> None:
+        import torch
+        import transformers
+
+        self._torch = torch
+        self.device = device
+        self.task = task
+        tokenizer = _tokenizer(member)
+        auto = getattr(transformers, task.hf_model_class)
+        local = Path(member.model)
+        # Prefer safetensors; refuse to fall back to pickled weights when safetensors exist.
+        has_safetensors = local.is_dir() and any(local.glob("*.safetensors"))
+        self.model = auto.from_pretrained(
+            member.model,
+            trust_remote_code=member.trust_remote_code,
+            dtype=resolve_dtype(member.dtype, device),
+            use_safetensors=True if has_safetensors else None,
+        )
+        pad = pad_token_id(self.model.config, tokenizer)
+        text = self.model.config.get_text_config()
+        if pad is not None and getattr(text, "pad_token_id", None) is None:
+            # Padding and the classifier's search for the last real token must agree.
+            text.pad_token_id = pad
+            self.model.config.pad_token_id = pad
+        self.model.to(device)
+        self.model.eval()
+        # The model takes only the inputs its forward() names (e.g. no token_type_ids for RoBERTa).
+        accepted = set(inspect.signature(self.model.forward).parameters)
+        self._use_tokenizer(
+            tokenizer,
+            member.max_length,
+            [k for k in TOKEN_INPUTS if k in accepted],
+            member.tokenizer or member.model,
+            pad_token_id=pad,
+        )
+        self._keys = self._encoder.keys
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        tensors = {
+            k: torch.from_numpy(v).to(self.device, non_blocking=True)
+            for k, v in inputs.items()
+            if k in self._keys
+        }
+        with torch.inference_mode():
+            out = self.model(**tensors)
+            return self.task.from_model_output(out, tensors["attention_mask"]).cpu().numpy()
+
+
+def load(member: Any, task: Any, device: str, threads: int | None = None) -> HFBackend:
+    return HFBackend(member, task, device)
+
+
+def weight_bytes(member: Any, on_gpu: bool = True) -> int | None:
+    """None for a hub id not on disk: its size is unknown until it is downloaded."""
+    path = Path(member.model)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if files:
+        return safetensors_bytes(files, member.dtype, on_gpu=on_gpu)
+    bins = sorted(path.glob("*.bin")) if path.is_dir() else []
+    return sum(f.stat().st_size for f in bins) if bins else None

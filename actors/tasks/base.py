@@ -1,0 +1,246 @@
+"""What every task kind declares: its output fields, what a member's model must be, and
+the steps after the forward pass.
+
+A task object is the one place a task kind is spelled out. The config asks it which
+combinations are allowed, the plan asks it whether a member's head fits, the host asks
+it how to turn a forward pass into member outputs, and the offline writer, the online
+endpoint and ``evaluate`` ask it for the output fields and their renderings. No other
+module tests a task's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pipelines.plan import EnsemblePlan
+
+__all__ = [
+    "HeadInfo",
+    "HeadMismatch",
+    "MemberSpec",
+    "OutputField",
+    "Scored",
+    "Task",
+]
+
+
+class HeadMismatch(ValueError):
+    """A member's model head does not fit the ensemble's task (a config error at plan time)."""
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a backend can tell about a member's model without loading its weights.
+
+    ``None`` means "cannot tell" (a plain torch module declares no head)."""
+
+    architectures: tuple[str, ...] = ()  # e.g. ("BertForSequenceClassification",)
+    labels: tuple[str, ...] | None = None  # the head's outputs, in order
+    problem_type: str | None = None  # single_label_ / multi_label_classification, regression
+    hidden_size: int | None = None  # the encoder's width
+    width: int | None = None  # values per row the model returns, when the graph fixes it
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What the pipeline needs to know about a member, read at plan time."""
+
+    name: str
+    label_index: tuple[int, ...] = ()  # member output i -> canonical label index
+    single_logit: bool = False  # a one-logit binary head
+    multi_label: bool = False  # sigmoid per label instead of softmax
+    model_labels: tuple[str, ...] = ()  # the model's own labels, in output order
+    hidden_size: int | None = None  # embedding width (embedding task)
+
+
+@dataclass(frozen=True)
+class OutputField:
+    """One output of the scorer: an ensemble column, or one column per member.
+
+    ``name``: the column (a member field's column is ``<name>__<member>``);
+    ``arrow_type``: its Parquet type; ``json``: how a valid row's value reads in the
+    ``/v1/predict`` record (a member field's result is merged into ``members[<name>]``),
+    ``None`` when it is not part of the record; ``v2_datatype``: its Open Inference
+    Protocol datatype, ``None`` when it is not one of that protocol's outputs.
+    """
+
+    name: str
+    arrow_type: pa.DataType
+    json: Callable[[Any, Sequence[str]], Any] | None = None
+    member: bool = False
+    v2_datatype: str | None = None
+    doc: str = ""
+
+    def column(self, member: str | None = None) -> str:
+        return f"{self.name}__{member}" if self.member else self.name
+
+
+# Every task's rows end in this column: why a row was not scored, or null.
+ERROR_FIELD = OutputField("error", pa.string(), doc="null when scored; else why not")
+
+
+@dataclass
+class Scored:
+    """The reducer's answer for ``n`` rows, keyed by output field name.
+
+    ``columns``: the ensemble fields; ``members``: per member name, its member fields.
+    Values are numpy arrays with a first axis of ``n``. Rows that are not ``valid``
+    hold NaN or None, and ``error`` says why.
+    """
+
+    columns: dict[str, np.ndarray]
+    members: dict[str, dict[str, np.ndarray]]
+    valid: np.ndarray
+    error: list[str | None]
+
+    @property
+    def rows(self) -> int:
+        return len(self.error)
+
+
+def _to_arrow(values: np.ndarray, kind: pa.DataType, valid: np.ndarray) -> pa.Array:
+    mask = pa.array(~valid)
+    if pa.types.is_list(kind):
+        n = len(values)
+        width = values.shape[1] if values.ndim == 2 else 0
+        flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+        fixed = pa.FixedSizeListArray.from_arrays(flat, width, mask=mask)
+        assert len(fixed) == n
+        return fixed.cast(kind)
+    if pa.types.is_floating(kind):
+        return pa.array(np.asarray(values, dtype=np.float64), mask=~valid, type=kind)
+    return pa.array(list(values), type=kind, mask=~valid)
+
+
+class Task:
+    """The base every task kind fills in; see :mod:`actors.tasks` for the registry."""
+
+    name: str = ""
+    # Combinations the reducer offers this task (reducer.combine), the default first.
+    combine_methods: tuple[str, ...] = ()
+    # transformers' Auto class a Hugging Face member of this task loads.
+    hf_model_class: str = ""
+    # Whether `ray-ensemble train`, `fit` and `evaluate` apply to this task.
+    trainable: bool = False
+    fittable: bool = False
+    # The output declaration: the ensemble's fields and each member's.
+    fields: tuple[OutputField, ...] = ()
+
+    @property
+    def default_combine(self) -> str:
+        return self.combine_methods[0]
+
+    # --- config and plan ---------------------------------------------------------------
+
+    def check_config(self, cfg: Any) -> None:
+        """Raise ValueError for settings this task cannot use (called while validating)."""
+        combine = cfg.reducer.combine
+        if combine not in self.combine_methods:
+            raise ValueError(
+                f"reducer.combine: '{combine}' is not for {self.name} ensembles; use one of "
+                f"{list(self.combine_methods)}"
+            )
+
+    def member_spec(self, member: Any, head: HeadInfo, cfg: Any) -> MemberSpec:
+        """What the pipeline needs of a member; HeadMismatch when its head does not fit."""
+        raise NotImplementedError
+
+    def check_plan(self, cfg: Any, specs: Sequence[MemberSpec]) -> dict[str, Any]:
+        """Checks across members; returns the plan's task-specific settings."""
+        return {}
+
+    # --- output declaration --------------------------------------------------------------
+
+    def output_fields(self, cfg: Any) -> list[tuple[OutputField, str | None]]:
+        """(field, member) for every column the scorer writes, in order, ``error`` last."""
+        out: list[tuple[OutputField, str | None]] = [(f, None) for f in self.fields if not f.member]
+        if cfg.reducer.output_members:
+            out += [(f, m.name) for f in self.fields if f.member for m in cfg.members]
+        return [*out, (ERROR_FIELD, None)]
+
+    def output_columns(self, cfg: Any) -> list[str]:
+        return [f.column(m) for f, m in self.output_fields(cfg)]
+
+    def member_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{f.name}__" for f in self.fields if f.member)
+
+    # --- after the forward pass ----------------------------------------------------------
+
+    def from_model_output(self, output: Any, attention_mask: Any) -> Any:
+        """A transformers model's output to a ``(b, k)`` float32 tensor."""
+        raise NotImplementedError
+
+    def member_output(self, raw: np.ndarray, spec: MemberSpec, cfg: Any) -> np.ndarray:
+        """A member's raw ``(n, k)`` outputs as the reducer takes them."""
+        return raw
+
+    def output_width(self, spec: MemberSpec, cfg: Any) -> int:
+        """Values per row of :meth:`member_output` (for a window with no valid row)."""
+        raise NotImplementedError
+
+    def reduce(
+        self, outputs: Sequence[np.ndarray], *, plan: EnsemblePlan, valid: np.ndarray | None = None
+    ) -> Scored:
+        """The members' outputs (config order) to the ensemble's fields."""
+        raise NotImplementedError
+
+    # --- renderings ----------------------------------------------------------------------
+
+    def to_arrow(self, scored: Scored, cfg: Any) -> dict[str, pa.Array]:
+        """The output columns, from the declaration, in order."""
+        out: dict[str, pa.Array] = {}
+        for f, member in self.output_fields(cfg):
+            if f is ERROR_FIELD:
+                out[f.name] = pa.array(scored.error, type=pa.string())
+                continue
+            values = scored.members[member][f.name] if member else scored.columns[f.name]
+            out[f.column(member)] = _to_arrow(values, f.arrow_type, scored.valid)
+        return out
+
+    def to_json(self, scored: Scored, cfg: Any) -> list[dict]:
+        """The ``/v1/predict`` records, from the declaration's JSON renderings."""
+        labels = list(cfg.labels or ())
+        fields = [(f, m) for f, m in self.output_fields(cfg) if f.json is not None]
+        # Whole columns to Python once (float32 first, as Parquet stores them).
+        values = {
+            (f.name, m): _py(scored.members[m][f.name] if m else scored.columns[f.name])
+            for f, m in fields
+        }
+        records: list[dict] = []
+        for i in range(scored.rows):
+            if not scored.valid[i]:
+                records.append(self.json_error(scored.error[i]))
+                continue
+            record: dict[str, Any] = {}
+            members: dict[str, dict] = {}
+            for f, m in fields:
+                rendered = f.json(values[(f.name, m)][i], labels)  # type: ignore[misc]
+                if m is None:
+                    record[f.name] = rendered
+                else:
+                    members.setdefault(m, {}).update(rendered)
+            if members:
+                record["members"] = members
+            records.append(record)
+        return records
+
+    def json_error(self, error: str | None) -> dict:
+        """The record of a row that was not scored."""
+        return {"error": error}
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def metrics(self, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError(f"`evaluate` has no metrics for {self.name} ensembles")
+
+
+def _py(values: np.ndarray) -> list:
+    if values.dtype.kind == "f":
+        return np.asarray(values, dtype=np.float32).tolist()
+    return values.tolist()
