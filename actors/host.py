@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.backends import backend_kind
 from actors.backends.base import MemberBackend, import_member_modules, pick_device
 from actors.tasks import MemberSpec, Task
 
@@ -62,7 +61,7 @@ CPU_BATCH_TOKENS = 2048
 def make_backend(member: Any, task: Task, device: str, threads: int | None = None) -> MemberBackend:
     """The member's model, loaded on ``device``, behind the one backend interface."""
     import_member_modules(member)
-    return backend_kind(member.backend).load(member, task, device, threads)
+    return member.backend_module.load(member, task, device, threads)
 
 
 def member_output_column(name: str) -> str:

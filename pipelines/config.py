@@ -13,20 +13,19 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    PrivateAttr,
     ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -157,6 +156,11 @@ class TrainConfig(_Strict):
 class MemberConfig(_Strict):
     """One model of the ensemble."""
 
+    # Keys beyond the ones below belong to the member's backend (see _backend_keys).
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    _options: Any = PrivateAttr(None)
+
     name: str = Field(
         ...,
         pattern=r"^[a-z0-9_]+$",
@@ -231,8 +235,17 @@ class MemberConfig(_Strict):
     def _module_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        backend_kind(value)
+        return value
+
     @model_validator(mode="after")
-    def _trainable(self) -> MemberConfig:
+    def _backend_keys(self) -> MemberConfig:
+        # The keys beyond the common ones are the backend's: its Options checks them, and
+        # its errors keep their place (members[i].<key>).
+        self._options = backend_kind(self.backend).Options.model_validate(self.model_extra or {})
         if self.train is not None and not backend_kind(self.backend).trainable:
             able = [n for n in BACKENDS if backend_kind(n).trainable]
             raise ValueError(
@@ -245,35 +258,16 @@ class MemberConfig(_Strict):
     def replica_range(self) -> tuple[int, int]:
         return replica_range(self.replicas)
 
+    @property
+    def options(self) -> Any:
+        """The backend's own keys, validated, with their defaults."""
+        return self._options
 
-def _member_type(name: str) -> type[MemberConfig]:
-    """MemberConfig with backend ``name``'s own keys: one branch of the member union."""
-    options = backend_kind(name).Options
-    return create_model(
-        f"{options.__module__.rsplit('.', 1)[-1]}_member",
-        __base__=(MemberConfig, options),
-        __module__=__name__,
-        backend=(
-            Literal[name],
-            Field(name, description=MemberConfig.model_fields["backend"].description),
-        ),
-    )
-
-
-MEMBER_TYPES = {name: _member_type(name) for name in BACKENDS}
-
-
-def _backend_of(value: Any) -> str:
-    if isinstance(value, dict):
-        return value.get("backend", DEFAULT_BACKEND)
-    return getattr(value, "backend", DEFAULT_BACKEND)
-
-
-# A member: the common keys plus those of its backend, told apart by `backend`.
-AnyMember = Annotated[
-    Union[tuple(Annotated[t, Tag(n)] for n, t in MEMBER_TYPES.items())],  # noqa: UP007
-    Discriminator(_backend_of),
-]
+    @property
+    def backend_module(self) -> Any:
+        """The backend's module, found from the options' class: a process that never saw
+        the backend's registration (a Ray worker) still finds it."""
+        return importlib.import_module(type(self._options).__module__)
 
 
 class ReducerConfig(_Strict):
@@ -351,7 +345,7 @@ class EnsembleConfig(_Strict):
     task: str = Field(next(iter(TASKS)), description=" | ".join(TASKS), validate_default=True)
     labels: list[str] | None = Field(None, description="Canonical label order (classification).")
     input: InputConfig = Field(default_factory=InputConfig, description="Input columns.")
-    members: list[AnyMember] = Field(..., min_length=1, description="The member models.")
+    members: list[MemberConfig] = Field(..., min_length=1, description="The member models.")
     reducer: ReducerConfig = Field(default_factory=ReducerConfig, description="Combination.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Online serving.")
 
@@ -384,10 +378,6 @@ class EnsembleConfig(_Strict):
             raise ValueError("input.text_pair_column must differ from input.text_column")
         return self
 
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels or ())
-
     def output_columns(self) -> list[str]:
         """The columns the scorer adds to each input row, in order."""
         return get_task(self.task).output_columns(self)
@@ -415,8 +405,8 @@ def resolve_model_path(model: str, base_dir: Path) -> str:
 
 def _member_key_message(key: str, backend: str) -> str:
     """An unknown member key that some other backend takes says which one."""
-    owners = [n for n, t in MEMBER_TYPES.items() if key in t.model_fields and n != backend]
-    if owners and key not in MemberConfig.model_fields:
+    owners = [n for n in BACKENDS if n != backend and key in backend_kind(n).Options.model_fields]
+    if owners:
         return (
             f"only for backend {' or '.join(owners)} (this member's backend is {backend}); "
             f"remove it or set backend: {owners[0]}"
@@ -427,7 +417,7 @@ def _member_key_message(key: str, backend: str) -> str:
 def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = [f"{source}: invalid config"]
     items = err.errors()
-    union_tags = ("int", "Replicas", "function-after[_ordered(), Replicas]", *MEMBER_TYPES)
+    union_tags = ("int", "Replicas", "function-after[_ordered(), Replicas]")
     # `replicas` is a number or {min, max}: report only the branch the user wrote.
     items = [i for i in items if not ("int" in i["loc"] and isinstance(i["input"], dict))]
     for item in items:
@@ -441,9 +431,9 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
                     name = node[part].get("name")
                     if name:
                         loc += f" ({name})"
-            elif part in union_tags and not (isinstance(node, dict) and part in node):
-                if depth == 2 and item["loc"][0] == "members":
-                    backend = part
+                    if depth == 1 and item["loc"][0] == "members":
+                        backend = str(node[part].get("backend", DEFAULT_BACKEND))
+            elif part in union_tags:
                 continue  # union branch names say nothing to a user
             else:
                 loc += f".{part}" if loc else str(part)
@@ -458,6 +448,7 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
             )
         msg = item["msg"].removeprefix("Value error, ")
         key = item["loc"][-1] if item["loc"] else None
+        options = backend_kind(backend).Options.model_fields if backend in BACKENDS else {}
         if item["type"] == "extra_forbidden":
             msg = (
                 _member_key_message(str(key), backend)
@@ -465,12 +456,8 @@ def format_validation_error(err: ValidationError, data: Any, source: str) -> str
                 else "unknown key; remove it or check its spelling (see the config reference "
                 "in README.md)"
             )
-        elif item["type"] == "missing" and backend and key in MEMBER_TYPES[backend].model_fields:
-            description = MEMBER_TYPES[backend].model_fields[key].description or ""
-            msg = f"backend {backend} needs it: {description}"
-        elif item["type"] == "union_tag_invalid":
-            loc += ".backend"
-            msg = f"'{item['input'].get('backend')}' is not a backend; use one of {list(BACKENDS)}"
+        elif item["type"] == "missing" and key in options:
+            msg = f"backend {backend} needs it: {options[key].description or ''}"
         elif item["type"] == "literal_error":
             msg = f"{msg}, got {item.get('input')!r}"
         lines.append(f"  {loc or '(top level)'}: {msg}")
@@ -518,7 +505,7 @@ def config_from_dict(
                 model = str(local_path(member.model, base_dir))
                 if not for_training and not Path(model).is_dir():
                     raise FileNotFoundError(model)
-            elif not backend_kind(member.backend).local_files:
+            elif not member.backend_module.local_files:
                 model = resolve_model_path(member.model, base_dir)
             else:
                 # No hub serves this backend's models: the path must be here.
@@ -528,7 +515,7 @@ def config_from_dict(
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"{source}: members[{i}] ({member.name}).model: "
-                f"{'path' if backend_kind(member.backend).local_files else 'directory'} {exc} "
+                f"{'path' if member.backend_module.local_files else 'directory'} {exc} "
                 "does not "
                 "exist; fix the path (relative paths are read from the config file's "
                 "folder), train the member first (`ray-ensemble train`), or give a hub id"

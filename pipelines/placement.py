@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.backends import backend_kind
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
 
 __all__ = ["GpuNeed", "check_gpu_fit", "cluster_gpus", "estimate_gpu_need", "weight_bytes"]
@@ -50,7 +49,7 @@ class GpuNeed:
 def weight_bytes(member: MemberConfig, *, on_gpu: bool = True) -> int | None:
     """Bytes of the member's weights in the dtype it runs with (its backend estimates
     them from the files' headers); None when unknown, e.g. a hub id not downloaded."""
-    return backend_kind(member.backend).weight_bytes(member, on_gpu)
+    return member.backend_module.weight_bytes(member, on_gpu)
 
 
 def estimate_gpu_need(member: MemberConfig) -> GpuNeed | None:

@@ -20,7 +20,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-from actors.backends import backend_kind
 from actors.backends.base import BackendError, import_member_modules
 from actors.tasks import HeadMismatch, MemberSpec, Task, get_task
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
@@ -64,7 +63,7 @@ def describe_member(member: MemberConfig, cfg: EnsembleConfig) -> MemberSpec:
     fit the task)."""
     import_member_modules(member)
     task = get_task(cfg.task)
-    head = backend_kind(member.backend).describe(member, task)
+    head = member.backend_module.describe(member, task)
     return task.member_spec(member, head, cfg)
 
 

@@ -84,9 +84,9 @@ def onnx_session(member: Any, device: str = "cpu", threads: int | None = None) -
             f"{list(TOKEN_INPUTS)}"
         )
     outputs = [o.name for o in session.get_outputs()]
-    if member.onnx_output and member.onnx_output not in outputs:
+    if member.options.onnx_output and member.options.onnx_output not in outputs:
         raise BackendError(
-            f"onnx_output: {path.name} has no output '{member.onnx_output}'; "
+            f"onnx_output: {path.name} has no output '{member.options.onnx_output}'; "
             f"its outputs are {outputs}"
         )
     return session
@@ -103,15 +103,15 @@ def describe(member: Any, task: Any) -> HeadInfo:
     """Opens the graph (not a forward pass), so mistakes surface before any Ray work."""
     session = onnx_session(member)
     check_tokenizer_files(member, find_onnx_file(member.model).parent)
-    labels = tuple(member.output_labels) if member.output_labels else None
-    return HeadInfo(labels=labels, width=_output_width(session, member.onnx_output))
+    labels = tuple(member.options.output_labels) if member.options.output_labels else None
+    return HeadInfo(labels=labels, width=_output_width(session, member.options.onnx_output))
 
 
 class OnnxBackend(TokenizedBackend):
     def __init__(self, member: Any, task: Any, device: str, threads: int | None = None) -> None:
         self.session = onnx_session(member, device, threads)
         self._inputs = [i.name for i in self.session.get_inputs()]
-        self._output = member.onnx_output or self.session.get_outputs()[0].name
+        self._output = member.options.onnx_output or self.session.get_outputs()[0].name
         folder = find_onnx_file(member.model).parent
         self._use_tokenizer(
             load_tokenizer(member, folder),

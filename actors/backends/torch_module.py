@@ -102,8 +102,8 @@ def find_weights(model_dir: Path) -> Path:
 
 def module_kwargs(member: Any) -> dict[str, Any]:
     """The class's keyword arguments: ``module_config``, else the directory's config.json."""
-    if member.module_config is not None:
-        return dict(member.module_config)
+    if member.options.module_config is not None:
+        return dict(member.options.module_config)
     path = Path(member.model) / "config.json"
     if not path.is_file():
         return {}
@@ -133,13 +133,13 @@ def build_module(member: Any) -> Any:
     """Instantiate the member's class and load its safetensors state dict (on CPU)."""
     from safetensors.torch import load_file
 
-    cls = import_class(member.module)
+    cls = import_class(member.options.module)
     kwargs = module_kwargs(member)
     try:
         model = cls(**kwargs)
     except TypeError as exc:
         raise BackendError(
-            f"module_config: {member.module}({', '.join(kwargs)}) failed: {exc}"
+            f"module_config: {member.options.module}({', '.join(kwargs)}) failed: {exc}"
         ) from None
     state = load_file(str(find_weights(Path(member.model))))
     try:
@@ -147,11 +147,11 @@ def build_module(member: Any) -> Any:
     except RuntimeError as exc:  # shapes that differ from the class's
         detail = " ".join(str(exc).split())[:400]
         raise BackendError(
-            f"model: the weights do not fit {member.module}: {detail}; check module_config"
+            f"model: the weights do not fit {member.options.module}: {detail}; check module_config"
         ) from None
     if result.missing_keys or result.unexpected_keys:
         raise BackendError(
-            f"model: the weights do not fit {member.module}: missing {result.missing_keys[:5]}, "
+            f"model: the weights do not fit {member.options.module}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}; save them from the same class and config"
         )
     return model
@@ -161,15 +161,15 @@ def describe(member: Any, task: Any) -> HeadInfo:
     """Checked without loading the weights, so mistakes surface before any Ray work."""
     import torch
 
-    if not issubclass(import_class(member.module), torch.nn.Module):
-        raise BackendError(f"module: {member.module} is not a torch.nn.Module")
+    if not issubclass(import_class(member.options.module), torch.nn.Module):
+        raise BackendError(f"module: {member.options.module} is not a torch.nn.Module")
     find_weights(Path(member.model))
     kwargs = module_kwargs(member)
     check_tokenizer_files(member, Path(member.model))
     width = next(
         (int(kwargs[k]) for k in ("hidden_size", "dim", "embedding_size") if k in kwargs), None
     )
-    labels = tuple(member.output_labels) if member.output_labels else None
+    labels = tuple(member.options.output_labels) if member.options.output_labels else None
     return HeadInfo(labels=labels, hidden_size=width)
 
 
