@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +33,7 @@ import pyarrow.compute as pc
 
 from actors.backends.base import MemberBackend, import_member_modules, pick_device
 from actors.tasks import MemberSpec, Task
-
-if TYPE_CHECKING:
-    from pipelines.plan import EnsemblePlan
+from actors.tasks.base import EnsemblePlan
 
 __all__ = [
     "CPU_BATCH_TOKENS",

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from pipelines.plan import EnsemblePlan
-
 __all__ = [
+    "EnsemblePlan",
     "HeadInfo",
     "HeadMismatch",
     "MemberSpec",
@@ -28,6 +26,19 @@ __all__ = [
     "Scored",
     "Task",
 ]
+
+
+class EnsemblePlan(Protocol):
+    """What tasks and hosts read of a plan (:class:`pipelines.plan.EnsemblePlan`, which
+    sits above them and is not imported here)."""
+
+    config: Any
+    specs: tuple[MemberSpec, ...]
+    multi_label: bool
+    stacking: Any
+
+    @property
+    def task(self) -> Task: ...
 
 
 class HeadMismatch(ValueError):

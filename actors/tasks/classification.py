@@ -4,7 +4,7 @@ class logits, aligned to the ensemble's labels and combined by the reducer."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,10 +17,15 @@ from actors.reducer import (
     build_label_index,
     reduce_classification,
 )
-from actors.tasks.base import HeadInfo, HeadMismatch, MemberSpec, OutputField, Scored, Task
-
-if TYPE_CHECKING:
-    from pipelines.plan import EnsemblePlan
+from actors.tasks.base import (
+    EnsemblePlan,
+    HeadInfo,
+    HeadMismatch,
+    MemberSpec,
+    OutputField,
+    Scored,
+    Task,
+)
 
 __all__ = ["ClassificationTask", "brier", "calibration_bins", "ece", "metrics", "nll"]
 

@@ -4,16 +4,21 @@ concatenated or averaged, and the result L2-normalised."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from actors.reducer import EMBEDDING_COMBINE, combine_embeddings, l2_normalise
-from actors.tasks.base import HeadInfo, HeadMismatch, MemberSpec, OutputField, Scored, Task
-
-if TYPE_CHECKING:
-    from pipelines.plan import EnsemblePlan
+from actors.tasks.base import (
+    EnsemblePlan,
+    HeadInfo,
+    HeadMismatch,
+    MemberSpec,
+    OutputField,
+    Scored,
+    Task,
+)
 
 __all__ = ["EmbeddingTask"]
 
