@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from actors.reducer import FIT_CANDIDATES
+from actors.tasks import TASKS, Task
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -60,6 +61,15 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _columns(task: Task) -> list[str]:
+    """A task's output columns as the help lists them (``<member>`` for each member's)."""
+    return [
+        *(f.name for f in task.fields if not f.member),
+        *(f"{f.name}__<member>" for f in task.fields if f.member),
+        "error",
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ray-ensemble",
@@ -70,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="score a Parquet / CSV / JSONL dataset into Parquet",
         description="Score every input row with every member and write one Parquet row per "
-        "input row: the input columns plus label, score, probs, agreement, entropy, "
-        "probs__<member> and error.",
+        "input row: the input columns plus the task's output columns ("
+        + "; ".join(f"{t.name}: {', '.join(_columns(t))}" for t in TASKS.values())
+        + ").",
     )
     score.add_argument("config", help="ensemble config (YAML)")
     score.add_argument(
