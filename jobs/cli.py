@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = sub.add_parser(
         "serve",
         help="serve the ensemble over HTTP (Ray Serve)",
-        description="Serve POST /v1/predict, GET /healthz and GET /v1/ensemble until Ctrl-C "
-        "or SIGTERM. Limits and batching come from the config's serve: block.",
+        description="Serve POST /v1/predict, GET /healthz and GET /v1/ensemble, the Open "
+        "Inference Protocol (KServe V2) under /v2/models/<name>, and OpenAI-style POST "
+        "/v1/embeddings (embedding ensembles) until Ctrl-C or SIGTERM. Limits and batching "
+        "come from the config's serve: block.",
     )
     serve_cmd.add_argument("config", help="ensemble config (YAML)")
     serve_cmd.add_argument(
@@ -328,10 +330,12 @@ def _serve(args: argparse.Namespace) -> int:
             )
             logger.info(
                 "serving '%s' on http://%s:%d (POST /v1/predict, GET /healthz, GET "
-                "/v1/ensemble, docs at /docs); Ctrl-C to stop",
+                "/v1/ensemble, /v2/models/%s/infer, POST /v1/embeddings, docs at /docs); "
+                "Ctrl-C to stop",
                 plan.config.name,
                 args.host,
                 args.port,
+                plan.config.name,
             )
             while not stop.wait(0.5):
                 pass

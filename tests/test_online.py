@@ -464,3 +464,35 @@ def test_serve_config_app_builder_plans_the_serve_command_layout(ray_cluster, mo
     ours = layout(build_app(plan_ensemble(load_config(path))))
     assert layout(app_builder({"config": str(path)})) == ours
     assert ours == ("ensemble", 2, ("alpha", "gamma"), [(("beta",), "host_beta", 1)])
+
+
+def test_chunks_slices_and_concatenation_keep_rows_in_order():
+    """A request's rows are cut into chunks (at most max_batch_size, pairs apart), scored
+    in shared batches, sliced out and put back together in their order."""
+    from actors.tasks.base import Scored
+    from pipelines.online.deployments import chunked, concat_scored, slice_scored
+
+    texts = [f"t{i}" for i in range(7)]
+    pairs = [None, None, "p2", "p3", "p4", None, "p6"]
+    chunks = chunked(texts, pairs, 2)
+    assert chunks == [
+        (["t0", "t1"], None),
+        (["t2", "t3"], ["p2", "p3"]),
+        (["t4"], ["p4"]),
+        (["t5"], None),
+        (["t6"], ["p6"]),
+    ]
+    assert chunked(texts, None, 3) == [(texts[:3], None), (texts[3:6], None), (texts[6:], None)]
+    n = 7
+    scored = Scored(
+        columns={"score": np.arange(n, dtype=float), "probs": np.arange(2 * n).reshape(n, 2)},
+        members={"a": {"probs": -np.arange(2 * n).reshape(n, 2)}},
+        valid=np.arange(n) != 3,
+        error=[None, None, None, "bad", None, None, None],
+    )
+    parts = [slice_scored(scored, a, b) for a, b in ((0, 2), (2, 5), (5, 7))]
+    assert [p.rows for p in parts] == [2, 3, 2] and parts[1].error == [None, "bad", None]
+    whole = concat_scored(parts)
+    assert whole.error == scored.error and whole.valid.tolist() == scored.valid.tolist()
+    np.testing.assert_array_equal(whole.columns["probs"], scored.columns["probs"])
+    np.testing.assert_array_equal(whole.members["a"]["probs"], scored.members["a"]["probs"])

@@ -1,11 +1,12 @@
 """Online scoring on Ray Serve, in one hop: proxy → a replica of the ensemble host.
 
-The deployment that takes the HTTP request (FastAPI on the same class) holds the
-members that share a host (every CPU member; GPU members whose fractions fit on one
-GPU). It batches across requests with ``@serve.batch`` at the ensemble level, so a
-batch runs each member's forward once and one reduce, the same ``reduce_batch`` as the
-offline pipeline. Only members that need a device of their own (``own_host: true``,
-whole GPUs) live in deployments of their own, called through handles.
+The deployment that takes the HTTP request (the routes of :class:`.http.HttpApi`,
+inherited) holds the members that share a host (every CPU member; GPU members whose
+fractions fit on one GPU). It batches across requests with ``@serve.batch`` at the
+ensemble level, so a batch runs each member's forward once and ``plan.task.reduce``
+once, the reduce of an offline window; each request gets its rows of the answer. Only
+members that need a device of their own (``own_host: true``, whole GPUs) live in
+deployments of their own, called through handles.
 
 Example::
 
@@ -24,25 +25,19 @@ with the argument ``config`` (see ``ray-ensemble serve-config``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException
 
-from actors.host import EnsembleHost, UnscorableText, reduce_batch, reduce_members
-from actors.member import member_output_column
-from actors.reducer import member_top
+from actors.host import EnsembleHost
+from actors.tasks.base import Scored
+from pipelines.online.http import HttpApi, app, unavailable
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
 __all__ = ["EnsembleServer", "HostServer", "app_builder", "build_app"]
@@ -54,50 +49,6 @@ LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 # Handle options for calls to members on hosts of their own (see docs/benchmarks.md).
 HANDLE_OPTIONS: dict[str, Any] = {"_prefer_local_routing": True}
 
-
-class PairInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str = Field(..., description="The text to score.")
-    text_pair: str | None = Field(None, description="Optional second segment (NLI, pairs).")
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: list[str | PairInput] = Field(
-        ...,
-        description="Texts, or {text, text_pair} objects; at most serve.max_inputs of them.",
-        examples=[["a fine film", "a dull plot"]],
-    )
-
-
-class ErrorResponse(JSONResponse):
-    """``{"error", "type"}``, ASCII-escaped: a message may quote a client's key or text,
-    and a lone surrogate in it must not turn a 4xx into a 500 while encoding."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return ErrorResponse({"error": message, "type": kind}, status_code=status)
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if part == "body":
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("str", "PairInput"):
-            continue  # union branch names say nothing to a client
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "body"
-
-
 # A chunk is texts plus their pairs (None when they have none), at most max_batch_size.
 Chunk = tuple[list[str], list[str] | None]
 
@@ -108,6 +59,49 @@ def _chunk_texts(chunks: list[Chunk]) -> int:
 
 def _call_texts(calls: list[list[Chunk]]) -> int:
     return sum(_chunk_texts(call) for call in calls)
+
+
+def chunked(texts: list[str], pairs: list[str | None] | None, size: int) -> list[Chunk]:
+    """At most ``size`` texts per chunk, all with a pair or all without: texts with and
+    without a pair cannot share one tokenizer call."""
+    if pairs is None:
+        return [(texts[i : i + size], None) for i in range(0, len(texts), size)]
+    chunks: list[Chunk] = []
+    start = 0
+    while start < len(texts):
+        has_pair = pairs[start] is not None
+        end = start
+        while end < len(texts) and end - start < size and (pairs[end] is not None) == has_pair:
+            end += 1
+        chunks.append((texts[start:end], pairs[start:end] if has_pair else None))  # type: ignore[arg-type]
+        start = end
+    return chunks
+
+
+def slice_scored(scored: Scored, start: int, end: int) -> Scored:
+    """Rows ``start:end`` of a batch's scored rows: one request's share."""
+    return replace(
+        scored,
+        columns={k: v[start:end] for k, v in scored.columns.items()},
+        members={m: {k: v[start:end] for k, v in f.items()} for m, f in scored.members.items()},
+        valid=scored.valid[start:end],
+        error=scored.error[start:end],
+    )
+
+
+def concat_scored(parts: Sequence[Scored]) -> Scored:
+    """One request's rows from the batches its chunks went through, in order."""
+    first = parts[0]
+    return replace(
+        first,
+        columns={k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
+        members={
+            m: {k: np.concatenate([p.members[m][k] for p in parts]) for k in f}
+            for m, f in first.members.items()
+        },
+        valid=np.concatenate([p.valid for p in parts]),
+        error=[e for p in parts for e in p.error],
+    )
 
 
 class Linger:
@@ -143,15 +137,18 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
             continue
         texts = [t for i in idx for t in chunks[i][0]]
         pairs = [p for i in idx for p in chunks[i][1]] if with_pair else None  # type: ignore[union-attr]
-        # Cut as the offline host cuts (code points), for the same answer both ways.
-        cut = host.max_chars
-        outputs = host.infer([t[:cut] for t in texts], [p[:cut] for p in pairs] if pairs else None)
+        # The offline host's cut (input.max_chars), for the same answer both ways.
+        outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None)
         start = 0
         for i in idx:
             end = start + len(chunks[i][0])
             results[i] = [out[start:end] for out in outputs]
             start = end
     return results
+
+
+def _cut(host: EnsembleHost, texts: list[str]) -> list[str]:
+    return host.cut(pa.array(texts, pa.string())).to_pylist()
 
 
 def _member_latency() -> Any:
@@ -162,17 +159,6 @@ def _member_latency() -> Any:
         description="Seconds per member forward pass inside an ensemble host.",
         boundaries=LATENCY_BOUNDARIES,
         tag_keys=("member",),
-    )
-
-
-def _unavailable(exc: BaseException) -> bool:
-    """Ray's own failures (a replica gone, a queue full, a timeout), not the input's."""
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    return isinstance(
-        exc,
-        (RayActorError, BackPressureError, DeploymentUnavailableError, asyncio.TimeoutError),
     )
 
 
@@ -222,59 +208,9 @@ class HostServer:
         return answers
 
 
-app = FastAPI(
-    title="ray-ensemble",
-    description="An ensemble of Transformer models behind one endpoint.",
-)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors()) or [{"loc": (), "msg": "invalid body", "type": ""}]
-    if errors[0].get("type") == "json_invalid":
-        return error_response(422, "body is not valid JSON", "invalid_json")
-    # An input is a string or an object: report on the branch the client meant.
-    for item in errors:
-        loc = tuple(item["loc"])
-        if "str" in loc and isinstance(item.get("input"), dict):
-            continue
-        msg = item["msg"]
-        if item.get("type") == "string_unicode":  # a key or value pydantic cannot read
-            msg = "a key or text holds a lone surrogate (not valid Unicode); send valid Unicode"
-        elif "str" in loc:
-            msg = 'expected a string or an object {"text": ..., "text_pair": ...}'
-        return error_response(422, f"{_loc(loc)}: {msg}", "invalid_input")
-    return error_response(422, "invalid body", "invalid_input")
-
-
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # FastAPI answers a body it cannot parse at all (json.loads hitting its recursion
-    # limit on deep nesting, say) with a bare 400 {"detail"}: keep to our error format.
-    if exc.status_code == 400:
-        return error_response(
-            422, "body is not valid JSON, or is nested too deeply to read", "invalid_json"
-        )
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, str(exc.detail), kind)
-
-
-def _bad_text(text: str) -> str | None:
-    """Why a text cannot be tokenised, when it is plain to see."""
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return (
-            f"holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
-            f"{exc.start}; send valid Unicode"
-        )
-    return None
-
-
-class EnsembleServer:
-    """The HTTP endpoint and the shared ensemble host, in one replica.
+class EnsembleServer(HttpApi):
+    """The HTTP routes (inherited from :class:`HttpApi`) and the shared ensemble host,
+    in one replica.
 
     ``local``: the members this replica holds; ``remote``: handles to the hosts of the
     members with a device of their own, and the members each holds.
@@ -292,9 +228,7 @@ class EnsembleServer:
     ) -> None:
         from ray.util import metrics
 
-        self.plan = plan
-        self.cfg = plan.config
-        self.limits = plan.config.serve
+        HttpApi.__init__(self, plan)
         self.latency = _member_latency()
         self.host = (
             EnsembleHost(
@@ -311,9 +245,10 @@ class EnsembleServer:
         self.local = local
         options = HANDLE_OPTIONS if handle_options is None else handle_options
         self.remote = [(names, handle.options(**options)) for names, handle in remote]
-        self.waiting = 0
-        self.slots = asyncio.Semaphore(self.limits.max_ongoing_requests)
-        app.state.max_body_bytes = self.limits.max_body_bytes  # read by _BodyLimit
+        # Outputs come local members first, then each remote host's: put them in config
+        # order, which the reduce expects.
+        held = list(local) + [m for names, _ in remote for m in names]
+        self.order = [held.index(m.name) for m in self.cfg.members]
         self.linger = Linger(
             self._batched, self.limits.max_batch_size, self.limits.batch_wait_timeout_s
         )
@@ -322,20 +257,16 @@ class EnsembleServer:
             description="Agreement of the members with the ensemble label, per prediction.",
             boundaries=[0.001, 0.25, 0.5, 0.75, 0.999],
         )
-        self.rows = metrics.Counter(
-            "ensemble_rows_total", description="Texts scored (classification)."
-        )
+        self.rows = metrics.Counter("ensemble_rows_total", description="Texts scored.")
         self.disagreed = metrics.Counter(
             "ensemble_disagreed_rows_total",
             description="Texts where some voting member's top label differs from the "
             "ensemble's; divide by ensemble_rows_total for the share.",
         )
 
-    @app.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """200 once every member has loaded its model, 503 before.
-
-        This replica's own members are loaded before it takes any request."""
+    async def members_not_ready(self) -> list[str]:
+        """Members on hosts of their own that do not answer yet. This replica's own
+        members are loaded before it takes any request."""
 
         async def ready(handle: DeploymentHandle) -> bool:
             try:
@@ -346,140 +277,45 @@ class EnsembleServer:
                 return False
 
         states = await asyncio.gather(*(ready(h) for _, h in self.remote))
-        waiting = [
+        return [
             m for (names, _), ok in zip(self.remote, states, strict=True) if not ok for m in names
         ]
-        if waiting:
-            return error_response(503, f"members not ready: {waiting}", "not_ready")
-        return JSONResponse({"status": "ok", "members": [m.name for m in self.cfg.members]})
 
-    @app.get("/v1/ensemble")
-    async def ensemble(self) -> dict:
-        """What this endpoint runs."""
-        return {
-            "name": self.cfg.name,
-            "task": self.cfg.task,
-            "labels": self.cfg.labels,
-            "members": [
-                {"name": m.name, "model": m.model, "weight": m.weight, "temperature": m.temperature}
-                for m in self.cfg.members
-            ],
-            "combine": self.cfg.reducer.combine,
-        }
-
-    @app.post("/v1/predict")
-    async def predict(self, payload: PredictRequest) -> JSONResponse:
-        """Score texts: the ensemble label, probabilities, uncertainty and each member."""
-        return await self._predict(payload)
-
-    def _check(self, payload: PredictRequest) -> tuple[list[str], list[str | None]] | JSONResponse:
-        limits = self.limits
-        if not payload.inputs:
-            return error_response(422, "inputs: give at least one text", "invalid_input")
-        if len(payload.inputs) > limits.max_inputs:
-            return error_response(
-                413,
-                f"inputs: {len(payload.inputs)} inputs, the limit is {limits.max_inputs} "
-                "(serve.max_inputs); split the request",
-                "too_many_inputs",
-            )
-        texts: list[str] = []
-        pairs: list[str | None] = []
-        for i, item in enumerate(payload.inputs):
-            text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
-            for what, value in (("text", text), ("text_pair", pair)):
-                if value is None:
-                    continue
-                if not value.strip():
-                    return error_response(422, f"inputs[{i}]: {what} is empty", "invalid_input")
-                if len(value) > limits.max_text_chars:
-                    return error_response(
-                        413,
-                        f"inputs[{i}]: {what} has {len(value)} characters, the limit is "
-                        f"{limits.max_text_chars} (serve.max_text_chars)",
-                        "text_too_long",
-                    )
-            texts.append(text)
-            pairs.append(pair)
-        return texts, pairs
-
-    async def _predict(self, payload: PredictRequest) -> JSONResponse:
-        checked = self._check(payload)
-        if isinstance(checked, JSONResponse):
-            return checked
-        texts, pairs = checked
-        # Admission: a bounded queue, then a quick 503, rather than a pile-up.
-        if self.slots.locked() and self.waiting >= self.limits.max_queued_requests:
-            return error_response(
-                503, "overloaded: too many requests in flight; retry later", "overloaded"
-            )
-        self.waiting += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            answers = await asyncio.wait_for(
-                self._score(texts, pairs), timeout=self.limits.request_timeout_s
-            )
-        except asyncio.TimeoutError:
-            return error_response(503, "timed out waiting for the members; retry later", "timeout")
-        finally:
-            self.slots.release()
-        predictions: list[dict] = []
-        offset = 0
-        for chunk, answer in answers:
-            if isinstance(answer, BaseException):
-                return self._failure(answer, texts, pairs, offset, len(chunk[0]))
-            predictions += answer
-            offset += len(chunk[0])
-        return JSONResponse({"predictions": predictions})
-
-    def _failure(
-        self, exc: BaseException, texts: list[str], pairs: list[str | None], offset: int, n: int
-    ) -> JSONResponse:
-        from ray.serve.exceptions import BackPressureError
-
-        if isinstance(exc, UnscorableText):
-            for i in range(offset, offset + n):
-                for what, value in (("text", texts[i]), ("text_pair", pairs[i])):
-                    why = _bad_text(value) if value is not None else None
-                    if why:
-                        return error_response(422, f"inputs[{i}]: {what} {why}", "invalid_input")
-            return error_response(
-                422, f"inputs: the members cannot tokenise this input: {exc}", "invalid_input"
-            )
-        if isinstance(exc, BackPressureError):
-            return error_response(
-                503, "overloaded: a member's queue is full; retry later", "overloaded"
-            )
-        if _unavailable(exc):
-            return error_response(
-                503, f"a member is unavailable ({type(exc).__name__}); retry later", "unavailable"
-            )
-        logger.error("scoring failed", exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal")
-
-    async def _score(
-        self, texts: list[str], pairs: list[str | None]
-    ) -> list[tuple[Chunk, list[dict] | BaseException]]:
-        size = self.limits.max_batch_size
-        # At most max_batch_size texts per chunk, all with a pair or all without.
-        chunks: list[Chunk] = []
-        start = 0
-        while start < len(texts):
-            has_pair = pairs[start] is not None
-            end = start
-            while end < len(texts) and end - start < size and (pairs[end] is not None) == has_pair:
-                end += 1
-            chunk_pairs = pairs[start:end] if has_pair else None
-            chunks.append((texts[start:end], chunk_pairs))  # type: ignore[arg-type]
-            start = end
+    async def score(self, texts: list[str], pairs: list[str | None] | None) -> Scored:
+        """The request's rows, scored in the batches it shares with other requests."""
+        chunks = chunked(texts, pairs, self.limits.max_batch_size)
         answers = await asyncio.gather(*(self.linger.call(c) for c in chunks))
-        return list(zip(chunks, answers, strict=True))
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return answers[0] if len(answers) == 1 else concat_scored(answers)
+
+    async def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the first local member's tokenizer makes of ``texts`` (OpenAI's usage);
+        0 when every member is on a host of its own."""
+        if self.host is None:
+            return 0
+        try:
+            encoded = self.host.members[0].encode(_cut(self.host, texts))
+        except Exception:  # a backend without a tokenizer: usage is not worth a 500
+            return 0
+        return sum(len(ids) for ids in encoded["input_ids"])
+
+    def _observe(self, scored: Scored) -> None:
+        valid = np.asarray(scored.valid, dtype=bool)
+        self.rows.inc(int(valid.sum()))
+        agreement = scored.columns.get("agreement")
+        if agreement is None:
+            return
+        values = np.asarray(agreement, dtype=np.float64)[valid]
+        for value in values.tolist():
+            self.agreement.observe(value)
+        disagreed = int((values < 1.0 - 1e-9).sum())
+        if disagreed:
+            self.disagreed.inc(disagreed)
 
     @serve.batch(batch_size_fn=_chunk_texts)
-    async def _batched(self, chunks: list[Chunk]) -> list[list[dict] | BaseException]:
+    async def _batched(self, chunks: list[Chunk]) -> list[Scored | BaseException]:
         """One forward per member and one reduce for the chunks of concurrent requests.
 
         A chunk's failure is its answer, not the batch's: when a batch fails on its
@@ -488,9 +324,9 @@ class EnsembleServer:
         try:
             return await self._run(chunks)
         except Exception as exc:
-            if len(chunks) == 1 or _unavailable(exc):
+            if len(chunks) == 1 or unavailable(exc):
                 return [exc] * len(chunks)
-        answers: list[list[dict] | BaseException] = []
+        answers: list[Scored | BaseException] = []
         for chunk in chunks:
             try:
                 answers += await self._run([chunk])
@@ -498,147 +334,34 @@ class EnsembleServer:
                 answers.append(exc)
         return answers
 
-    async def _run(self, chunks: list[Chunk]) -> list[list[dict]]:
+    async def _run(self, chunks: list[Chunk]) -> list[Scored]:
+        """Each chunk's rows through the members and ``plan.task.reduce``, the reduce of
+        an offline window, run once for the whole batch."""
+        per_chunk = await self._forward(chunks)
+        outputs = [np.concatenate([outs[k] for outs in per_chunk]) for k in self.order]
+        scored = self.task.reduce(outputs, plan=self.plan)
+        self._observe(scored)
+        answers, start = [], 0
+        for texts, _ in chunks:
+            answers.append(slice_scored(scored, start, start + len(texts)))
+            start += len(texts)
+        return answers
+
+    async def _forward(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
+        """Per chunk, each member's outputs, local members first."""
         calls = [h.infer.remote(chunks) for _, h in self.remote]
         per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
-        names: list[str] = []
         if self.host is not None:
             # On the event loop Serve runs user code on (its own thread, apart from the
             # loop that answers Serve's health checks): a hop to a worker thread cost
             # more than it gave (docs/benchmarks.md), and requests that arrive meanwhile
             # simply form the next batch.
-            local = run_chunks(self.host, chunks)
-            names += self.local
-            for i, outs in enumerate(local):
+            for i, outs in enumerate(run_chunks(self.host, chunks)):
                 per_chunk[i] += outs
-        for (members, _), result in zip(self.remote, await asyncio.gather(*calls), strict=True):
-            names += members
+        for result in await asyncio.gather(*calls):
             for i, outs in enumerate(result):
                 per_chunk[i] += outs
-        outputs = {
-            name: np.concatenate([outs[k] for outs in per_chunk]) for k, name in enumerate(names)
-        }
-        predictions = self._format(outputs, _chunk_texts(chunks))
-        answers, start = [], 0
-        for texts, _ in chunks:
-            answers.append(predictions[start : start + len(texts)])
-            start += len(texts)
-        return answers
-
-    def _format(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
-        cfg = self.cfg
-        if cfg.task == "embedding":
-            columns: dict[str, pa.Array] = {"error": pa.nulls(n, pa.string())}
-            for name, values in outputs.items():
-                flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-                columns[member_output_column(name)] = pa.FixedSizeListArray.from_arrays(
-                    flat, values.shape[1]
-                )
-            rows = reduce_batch(pa.table(columns), plan=self.plan).to_pylist()
-            return [{"embedding": r["embedding"]} for r in rows]
-        # The reducer on the arrays, not through an Arrow table: the same math as
-        # reduce_batch (reduce_members), without a millisecond of conversions per batch.
-        red = reduce_members([outputs[m.name] for m in cfg.members], plan=self.plan)
-        labels = cfg.labels or []
-        # float32 first, as the offline Parquet stores probabilities, so both agree.
-        probs = red.probs.astype(np.float32).tolist()
-        member_probs = [p.astype(np.float32).tolist() for p in red.member_probs]
-        member_labels = [[labels[int(member_top(row))] for row in p] for p in red.member_probs]
-        label_idx, scores = red.label.tolist(), red.score.tolist()
-        agreement, entropy = red.agreement.tolist(), red.entropy.tolist()
-        preds = []
-        scored = disagreed = 0
-        for i in range(n):
-            if red.error[i] is not None:  # e.g. a member returned non-finite logits
-                preds.append({"label": None, "score": None, "probs": None, "error": red.error[i]})
-                continue
-            scored += 1
-            disagreed += agreement[i] < 1.0 - 1e-9
-            self.agreement.observe(agreement[i])
-            pred = {
-                "label": labels[label_idx[i]],
-                "score": scores[i],
-                "probs": dict(zip(labels, probs[i], strict=True)),
-                "agreement": agreement[i],
-                "entropy": entropy[i],
-            }
-            if cfg.reducer.output_members:
-                pred["members"] = {
-                    m.name: {
-                        "label": member_labels[k][i],
-                        # A label the member lacks is null, not a silent zero.
-                        "probs": {
-                            lab: (None if math.isnan(v) else v)
-                            for lab, v in zip(labels, member_probs[k][i], strict=True)
-                        },
-                    }
-                    for k, m in enumerate(cfg.members)
-                }
-            preds.append(pred)
-        self.rows.inc(scored)
-        if disagreed:
-            self.disagreed.inc(disagreed)
-        return preds
-
-
-class _BodyLimit:
-    """413 for a body over serve.max_body_bytes, before it is parsed.
-
-    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` costs a task group per
-    request, which shows on the ingress's CPU under load.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        limit = getattr(app.state, "max_body_bytes", None)  # set by Ingress.__init__
-        if scope["type"] != "http" or scope["method"] != "POST" or limit is None:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > limit:
-                await _too_large(int(declared), limit, scope, receive, send)
-                return
-            await self.app(scope, receive, send)
-            return
-        # Chunked: read up to the limit, then replay the body to the app.
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            parts.append(message.get("body", b""))
-            size += len(parts[-1])
-            if size > limit:
-                await _too_large(size, limit, scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(parts)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _too_large(size: int, limit: int, scope: dict, receive: Any, send: Any) -> None:
-    response = error_response(
-        413, f"body is {size} bytes, the limit is {limit} (serve.max_body_bytes)", "body_too_large"
-    )
-    await response(scope, receive, send)
-
-
-app.add_middleware(_BodyLimit)
+        return per_chunk
 
 
 EnsembleDeployment = serve.deployment(serve.ingress(app)(EnsembleServer), name="ensemble")
@@ -707,10 +430,11 @@ def build_app(
         )
         remote.append((res.members, handle))
     lo, hi = limits.replica_range
-    # Serve hands the replica far more requests than it works on: the replica queues
-    # and sheds load itself, quickly and with a JSON 503, so Serve's own plain-text
-    # rejections only come at ten times the configured load. (Serve counts a request
-    # as queued while it picks a replica, so its queue limit must not be tight.)
+    # Serve's limits are the backstop, ours the answer: the replica refuses past
+    # max_ongoing + max_queued requests with a JSON 503 (HttpApi._scored), which it can
+    # only do for requests Serve hands it, so Serve admits ten times that, and its own
+    # plain-text 503s come only far beyond the configured load. (Serve counts a request
+    # as queued while it picks a replica, so its queue limit must not be tight either.)
     admitted = 10 * (limits.max_ongoing_requests + limits.max_queued_requests)
     return EnsembleDeployment.options(
         ray_actor_options={
