@@ -470,7 +470,7 @@ def test_chunks_slices_and_concatenation_keep_rows_in_order():
     """A request's rows are cut into chunks (at most max_batch_size, pairs apart), scored
     in shared batches, sliced out and put back together in their order."""
     from actors.tasks.base import Scored
-    from pipelines.online.deployments import chunked, concat_scored, slice_scored
+    from pipelines.online.deployments import chunked
 
     texts = [f"t{i}" for i in range(7)]
     pairs = [None, None, "p2", "p3", "p4", None, "p6"]
@@ -490,9 +490,9 @@ def test_chunks_slices_and_concatenation_keep_rows_in_order():
         valid=np.arange(n) != 3,
         error=[None, None, None, "bad", None, None, None],
     )
-    parts = [slice_scored(scored, a, b) for a, b in ((0, 2), (2, 5), (5, 7))]
+    parts = [scored.rows_between(a, b) for a, b in ((0, 2), (2, 5), (5, 7))]
     assert [p.rows for p in parts] == [2, 3, 2] and parts[1].error == [None, "bad", None]
-    whole = concat_scored(parts)
+    whole = Scored.concat(parts)
     assert whole.error == scored.error and whole.valid.tolist() == scored.valid.tolist()
     np.testing.assert_array_equal(whole.columns["probs"], scored.columns["probs"])
     np.testing.assert_array_equal(whole.members["a"]["probs"], scored.members["a"]["probs"])

@@ -23,6 +23,7 @@ from actors.backends.base import (
     BackendError,
     BackendOptions,
     TokenizedBackend,
+    load_tokenizer,
     resolve_dtype,
     safetensors_bytes,
 )
@@ -81,16 +82,7 @@ def _decoder_only(config: Any) -> bool:
 
 
 def _tokenizer(member: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    source = member.tokenizer or member.model
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=member.trust_remote_code)
-    except Exception as exc:  # transformers raises many kinds for a folder without a tokenizer
-        raise BackendError(
-            f"tokenizer: cannot load a tokenizer from '{source}' ({type(exc).__name__}); set "
-            "`tokenizer:` to a directory with tokenizer.json and tokenizer_config.json"
-        ) from None
+    return load_tokenizer(member, member.model)
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int | None:

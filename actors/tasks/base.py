@@ -114,6 +114,30 @@ class Scored:
     def rows(self) -> int:
         return len(self.error)
 
+    def rows_between(self, start: int, end: int) -> Scored:
+        """Rows ``start:end`` (one request's share of an online batch)."""
+        return Scored(
+            columns={k: v[start:end] for k, v in self.columns.items()},
+            members={m: {k: v[start:end] for k, v in f.items()} for m, f in self.members.items()},
+            valid=self.valid[start:end],
+            error=self.error[start:end],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Scored]) -> Scored:
+        """The rows of ``parts``, in order (a request whose rows went through several
+        batches)."""
+        first = parts[0]
+        return Scored(
+            columns={k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
+            members={
+                m: {k: np.concatenate([p.members[m][k] for p in parts]) for k in f}
+                for m, f in first.members.items()
+            },
+            valid=np.concatenate([p.valid for p in parts]),
+            error=[e for p in parts for e in p.error],
+        )
+
 
 def _to_arrow(values: np.ndarray, kind: pa.DataType, valid: np.ndarray) -> pa.Array:
     mask = pa.array(~valid)
@@ -196,9 +220,29 @@ class Task:
         raise NotImplementedError
 
     def reduce(
-        self, outputs: Sequence[np.ndarray], *, plan: EnsemblePlan, valid: np.ndarray | None = None
+        self,
+        outputs: Sequence[np.ndarray],
+        *,
+        plan: EnsemblePlan,
+        valid: np.ndarray | None = None,
+        errors: Sequence[str | None] | None = None,
     ) -> Scored:
-        """The members' outputs (config order) to the ensemble's fields."""
+        """The members' outputs (config order) to the ensemble's fields.
+
+        ``errors``: why each row was not scored (None: score it); ``valid`` marks the rows
+        to score when no reasons are given. Invalid rows hold NaN or None."""
+        errors = list(errors) if errors is not None else [None] * len(outputs[0])
+        if valid is None:
+            valid = np.array([e is None for e in errors], dtype=bool)
+        return self._reduce(outputs, plan, np.array(valid, dtype=bool), errors)
+
+    def _reduce(
+        self,
+        outputs: Sequence[np.ndarray],
+        plan: EnsemblePlan,
+        valid: np.ndarray,
+        errors: list[str | None],
+    ) -> Scored:
         raise NotImplementedError
 
     # --- renderings ----------------------------------------------------------------------

@@ -206,18 +206,14 @@ class ClassificationTask(Task):
     def output_width(self, spec: MemberSpec, cfg: Any) -> int:
         return len(cfg.labels)
 
-    def reduce(
+    def _reduce(
         self,
         outputs: Sequence[np.ndarray],
-        *,
         plan: EnsemblePlan,
-        valid: np.ndarray | None = None,
-        errors: Sequence[str | None] | None = None,
+        valid: np.ndarray,
+        errors: list[str | None],
     ) -> Scored:
         cfg = plan.config
-        errors = list(errors) if errors is not None else [None] * len(outputs[0])
-        if valid is None:
-            valid = np.array([e is None for e in errors], dtype=bool)
         red = reduce_classification(
             outputs,
             member_names=[m.name for m in cfg.members],
@@ -228,7 +224,6 @@ class ClassificationTask(Task):
             valid=valid,
             stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
         )
-        valid = np.array(valid, dtype=bool)
         for i, err in enumerate(red.error):
             if err is not None:
                 errors[i], valid[i] = err, False

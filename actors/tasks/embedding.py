@@ -76,18 +76,14 @@ class EmbeddingTask(Task):
     def output_width(self, spec: MemberSpec, cfg: Any) -> int:
         return spec.hidden_size or 0
 
-    def reduce(
+    def _reduce(
         self,
         outputs: Sequence[np.ndarray],
-        *,
         plan: EnsemblePlan,
-        valid: np.ndarray | None = None,
-        errors: Sequence[str | None] | None = None,
+        valid: np.ndarray,
+        errors: list[str | None],
     ) -> Scored:
         cfg = plan.config
-        errors = list(errors) if errors is not None else [None] * len(outputs[0])
-        if valid is None:
-            valid = np.array([e is None for e in errors], dtype=bool)
         weights = [m.weight for m in cfg.members]
         return Scored(
             columns={"embedding": combine_embeddings(outputs, weights, cfg.reducer.combine)},

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -76,32 +75,6 @@ def chunked(texts: list[str], pairs: list[str | None] | None, size: int) -> list
         chunks.append((texts[start:end], pairs[start:end] if has_pair else None))  # type: ignore[arg-type]
         start = end
     return chunks
-
-
-def slice_scored(scored: Scored, start: int, end: int) -> Scored:
-    """Rows ``start:end`` of a batch's scored rows: one request's share."""
-    return replace(
-        scored,
-        columns={k: v[start:end] for k, v in scored.columns.items()},
-        members={m: {k: v[start:end] for k, v in f.items()} for m, f in scored.members.items()},
-        valid=scored.valid[start:end],
-        error=scored.error[start:end],
-    )
-
-
-def concat_scored(parts: Sequence[Scored]) -> Scored:
-    """One request's rows from the batches its chunks went through, in order."""
-    first = parts[0]
-    return replace(
-        first,
-        columns={k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
-        members={
-            m: {k: np.concatenate([p.members[m][k] for p in parts]) for k in f}
-            for m, f in first.members.items()
-        },
-        valid=np.concatenate([p.valid for p in parts]),
-        error=[e for p in parts for e in p.error],
-    )
 
 
 class Linger:
@@ -288,7 +261,7 @@ class EnsembleServer(HttpApi):
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        return answers[0] if len(answers) == 1 else concat_scored(answers)
+        return answers[0] if len(answers) == 1 else Scored.concat(answers)
 
     async def count_tokens(self, texts: list[str]) -> int:
         """Tokens the first local member's tokenizer makes of ``texts`` (OpenAI's usage);
@@ -343,7 +316,7 @@ class EnsembleServer(HttpApi):
         self._observe(scored)
         answers, start = [], 0
         for texts, _ in chunks:
-            answers.append(slice_scored(scored, start, start + len(texts)))
+            answers.append(scored.rows_between(start, start + len(texts)))
             start += len(texts)
         return answers
 
