@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="members vs ensemble on a labelled test set: metrics, report and plots",
-        description="Score the set and write metrics.json (accuracy, macro_f1, nll, brier, ece "
-        "per member and for the ensemble), report.md, reliability.png and confusion.png.",
+        description="Score the set and write metrics.json and metrics.csv (accuracy, macro_f1, "
+        "nll, brier, ece per member and for the ensemble), report.md, reliability.png and "
+        "confusion.png.",
     )
     labelled(evaluate, "test set")
     evaluate.add_argument("--report", default="report", help="report directory (default report/)")
@@ -429,12 +430,15 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.evaluation import evaluate, render_report
+    from pipelines.evaluation import SCORED_DIR, evaluate, render_report
     from pipelines.fitting import check_labelled_input
+    from pipelines.output import check_replaceable
     from pipelines.plan import plan_ensemble
 
     plan = plan_ensemble(load_config(args.config))
     check_labelled_input(plan, args.input, args.label_column, "evaluate")
+    # The scored set is replaced on each run, and only if it is an output of ours.
+    check_replaceable(Path(args.report) / SCORED_DIR, "--report")
     with _ray(args.address, args.num_cpus):
         metrics = evaluate(
             plan, args.input, args.label_column, args.report, cpu_fallback=_local(args.address)

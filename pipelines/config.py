@@ -213,8 +213,8 @@ class MemberConfig(_Strict):
     backend: str = Field(
         DEFAULT_BACKEND,
         description=f"The runtime that loads and runs the model: {' | '.join(BACKENDS)}. Each "
-        "backend takes keys of its own (see README.md, 'Members that are not transformers "
-        "models').",
+        "backend takes keys of its own (README.md, 'Bring your own models'); a new one is "
+        "registered in actors/backends/__init__.py.",
     )
 
     # `register` would shadow BaseModel.register (from ABCMeta); the key users write is it.

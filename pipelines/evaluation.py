@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 
 from actors.tasks.classification import (
@@ -32,6 +33,7 @@ __all__ = [
     "ece",
     "evaluate",
     "gain_over_best_member",
+    "metrics_table",
     "render_report",
 ]
 
@@ -40,6 +42,9 @@ CONFIDENCE = 0.95
 # The true label's column in the scored files: the input's own name may be `label`,
 # which the scorer writes too.
 TRUTH_COLUMN = "true_label"
+# Where evaluate scores the set, inside the report folder; replaced on each run when it is
+# an output of ours, refused otherwise.
+SCORED_DIR = "scored"
 
 
 def _plots(
@@ -159,6 +164,13 @@ def render_gain(gain: dict) -> str:
     return "\n".join(lines)
 
 
+def metrics_table(metrics: dict) -> pd.DataFrame:
+    """Members and ensemble as rows, their metrics as columns (``metrics.csv``), for a
+    spreadsheet or ``pandas.read_csv(..., index_col="model")``."""
+    rows = {**metrics["members"], "ensemble": metrics["ensemble"]}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
+
+
 def render_report(metrics: dict) -> str:
     """The members-vs-ensemble table (Markdown), and the gain over the best member."""
     cols = ("accuracy", "macro_f1", "nll", "brier", "ece")
@@ -181,7 +193,8 @@ def evaluate(
     *,
     cpu_fallback: bool = True,
 ) -> dict:
-    """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, report.md
+    """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, metrics.csv,
+    report.md
     and the plots there. Ray must be running. Returns the metrics."""
     check_single_label(plan, "evaluate")
     cfg = plan.config
@@ -196,7 +209,7 @@ def evaluate(
     summary = score(
         plan,
         input_path,
-        report / "scored",
+        report / SCORED_DIR,
         overwrite=True,
         rename={label_column: TRUTH_COLUMN},
         cpu_fallback=cpu_fallback,
@@ -208,7 +221,7 @@ def evaluate(
     ensemble_field = next(f for f in task.fields if f.name == "probs" and not f.member)
     member_field = next(f for f in task.fields if f.name == "probs" and f.member)
     table = pq.read_table(
-        report / "scored",
+        report / SCORED_DIR,
         columns=[
             TRUTH_COLUMN,
             "error",
@@ -244,6 +257,7 @@ def evaluate(
         "labels": list(cfg.labels),
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_table(metrics).to_csv(report / "metrics.csv")
     images = _plots(report, list(cfg.labels), probs, y)
     pairs = "\n".join(
         f"| {k.replace('|', ' / ')} | {v:.4f} |" for k, v in metrics["agreement"].items()

@@ -22,6 +22,7 @@ Ray Data do) gives the rows in input order.
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "Committed",
     "OutputJob",
     "StagedParquetSink",
+    "check_replaceable",
     "prepare_output",
     "publish",
     "read_committed",
@@ -188,11 +190,34 @@ def prepare_output(
             f"--output: {out} is not empty; choose a new folder, or pass --overwrite to replace "
             "it once the new output is complete"
         )
+    elif overwrite:
+        check_replaceable(out)
     if staging.exists():
         shutil.rmtree(staging)  # our own unfinished work, never a published output
     (staging / COUNTS_DIR).mkdir(parents=True)
     write_json(staging / JOB_FILE, {"job": job, "started": _now()})
     return OutputJob(out, staging, job, resume=False)
+
+
+def check_replaceable(out: str | Path, flag: str = "--overwrite") -> None:
+    """InputError unless ``out`` is missing, empty or an output of ours: what
+    ``--overwrite`` may replace. Nothing else is ever deleted."""
+    out = Path(out)
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p)) if out.is_dir() else []
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise InputError(
+            f"{flag}: {out} holds what ray-ensemble did not write ({', '.join(foreign[:5])}"
+            f"{more}); only an output of ours ({SUCCESS}, {PART_GLOB}, {STAGING}/) is "
+            "replaced and nothing else is deleted: choose an empty or new folder"
+        )
+
+
+def _ours(entry: Path) -> bool:
+    """An entry an output of ours holds: the marker, a part file or the staging folder."""
+    if entry.name == STAGING:
+        return entry.is_dir() and not entry.is_symlink()
+    return entry.is_file() and (entry.name == SUCCESS or fnmatch.fnmatch(entry.name, PART_GLOB))
 
 
 def _now() -> str:
@@ -350,12 +375,8 @@ def finish_publish(job: OutputJob) -> dict[str, Any]:
     parts = set(success["parts"])
     (job.out / SUCCESS).unlink(missing_ok=True)
     for entry in job.out.iterdir():
-        # The old output goes only now that the new one is complete.
-        if entry.name == STAGING or entry.name in parts:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
+        # The old output goes only now that the new one is complete; only ours goes.
+        if entry.name != STAGING and entry.name not in parts and _ours(entry):
             entry.unlink()
     for name in success["parts"]:
         if (job.staging / name).exists():

@@ -166,6 +166,10 @@ def test_input_errors_exit_2(tmp_path, models, data, capsys):
     (tmp_path / "full" / "old.parquet").write_text("x")
     code, err = run_score(capsys, config, data, tmp_path / "full")
     assert code == 2 and "--overwrite" in err
+    # --overwrite replaces only an output of ours: a foreign file is a usage error and stays.
+    code, err = run_score(capsys, config, data, tmp_path / "full", "--overwrite")
+    assert code == 2 and "old.parquet" in err and "did not write" in err
+    assert (tmp_path / "full" / "old.parquet").read_text() == "x"
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):

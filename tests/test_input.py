@@ -235,6 +235,32 @@ def test_commit_verify_publish_and_the_flags(job, tmp_path):
     shutil.rmtree(again.staging)
 
 
+@pytest.mark.parametrize(
+    "foreign", ["notes.txt", "data/", "old.parquet", "_SUCCESS/", "part-1.parquet/"]
+)
+def test_overwrite_never_deletes_what_it_did_not_write(job, tmp_path, foreign):
+    """A folder holding anything but an output of ours (_SUCCESS, part files, _staging) is
+    refused, before anything is staged, and keeps every byte."""
+    path, config, inputs = job
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000-000000000000.parquet").write_bytes(b"ours")
+    if foreign != f"{SUCCESS}/":
+        (out / SUCCESS).write_text("{}")
+    entry = out / foreign.rstrip("/")
+    if foreign.endswith("/"):
+        entry.mkdir()
+        (entry / "keep.txt").write_text("precious")
+    else:
+        entry.write_text("precious")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(InputError) as err:
+        prepare_output(out, path, config, inputs, overwrite=True)
+    assert "did not write" in str(err.value) and foreign.rstrip("/") in str(err.value)
+    assert "choose an empty or new folder" in str(err.value)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
 def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
     from actors.tasks import MemberSpec
     from pipelines.offline import ScoreJob, run_job
@@ -244,7 +270,7 @@ def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
     path, config, inputs = job
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.parquet").write_bytes(b"an old output")
+    (out / "part-00007-000000000000.parquet").write_bytes(b"a part of an old output")
     first = prepare_output(out, path, config, inputs, overwrite=True)
     (first.counts_dir / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
     write_parts(first, inputs, [0, 1, 2])

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -207,6 +208,19 @@ def test_stacking_is_fitted_stored_as_json_and_used_by_score(trained):
     np.testing.assert_allclose(np.array([r["probs"] for r in ok]), expected, atol=2e-5)
 
 
+def test_evaluate_never_deletes_what_it_did_not_write(trained, capsys):
+    root, path, _ = trained
+    report = root / "report-of-someone-else"
+    (report / "scored").mkdir(parents=True)
+    (report / "scored" / "mine.csv").write_text("precious")
+    args = ["--input", str(root / "test.jsonl"), "--label-column", "label"]
+    assert main(["evaluate", str(path), *args, "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "--report" in err and "mine.csv" in err and "choose an empty or new folder" in err
+    assert (report / "scored" / "mine.csv").read_text() == "precious"
+    assert sorted(p.name for p in (report / "scored").iterdir()) == ["mine.csv"]
+
+
 def test_evaluate_writes_metrics_report_and_plots(trained):
     root, path, _ = trained
     report = root / "report"
@@ -217,6 +231,12 @@ def test_evaluate_writes_metrics_report_and_plots(trained):
     assert set(metrics["members"]) == {"full", "frozen"}
     for m in [*metrics["members"].values(), metrics["ensemble"]]:
         assert set(m) == {"accuracy", "macro_f1", "nll", "brier", "ece"}
+    # The same figures as a table, one row per model.
+    table = pd.read_csv(report / "metrics.csv", index_col="model")
+    assert list(table.index) == [*metrics["members"], "ensemble"]
+    for name in table.index:
+        want = metrics["ensemble"] if name == "ensemble" else metrics["members"][name]
+        assert table.loc[name].to_dict() == pytest.approx(want)
     rows = pq.read_table(report / "scored").to_pylist()
     assert len(rows) == 122  # every input row, the true label kept as true_label
     truth = {r["id"]: r["label"] for r in map(json.loads, open(root / "test.jsonl"))}
