@@ -145,10 +145,10 @@ def peek_columns(path: Path, fmt: str) -> list[str]:
     if fmt == "parquet":
         return list(pq.ParquetFile(path).schema_arrow.names)
     if fmt == "csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             return next(csv.reader(f), [])
     with open(path, "rb") as f:
-        for raw in f:
+        for raw in _without_bom(f):
             if raw.strip():
                 try:
                     row = json.loads(raw.decode("utf-8", errors="replace"))
@@ -325,6 +325,20 @@ def _text_errors(row: dict, text_columns: list[str]) -> str | None:
     return error
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(lines: Iterator[bytes]) -> Iterator[bytes]:
+    """The file's lines, less a UTF-8 byte order mark at its very start (Windows tools
+    write one; it is not part of the first row)."""
+    first = True
+    for raw in lines:
+        if first and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        first = False
+        yield raw
+
+
 def _jsonl_row(raw: bytes, text_columns: list[str]) -> tuple[dict, str | None]:
     try:
         line = raw.decode("utf-8")
@@ -362,7 +376,7 @@ def _jsonl_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Itera
     rows: list[dict] = []
     errors: list[str | None] = []
     with open(path, "rb") as f:
-        for raw in f:
+        for raw in _without_bom(f):
             if not raw.strip():
                 continue
             row, error = _jsonl_row(raw, text_columns)
@@ -377,7 +391,8 @@ def _jsonl_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Itera
 
 def _csv_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
     """CSV values as text; a ragged row or bad bytes make an error row, not a failed read."""
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a byte order mark (Excel writes one) is not part of the first header.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)

@@ -112,6 +112,23 @@ def test_csv_ragged_rows_and_bad_bytes_become_error_rows(tmp_path):
     assert rows["note_bytes"]["error"] is None and rows["note_bytes"]["note"] == "\ufffd"
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path, fmt):
+    """Excel and other Windows tools start a file with a BOM: the first JSONL row stays a
+    row, and the first CSV header stays the id column."""
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "jsonl":
+        body = "".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(3))
+    else:
+        body = "id,text\n" + "".join(f"r{i},t{i}\n" for i in range(3))
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    table = read_all(path, cfg(tmp_path))
+    assert [c for c in table.column_names if "id" in c] == ["id"]
+    assert table.column("id").to_pylist() == ["r0", "r1", "r2"]
+    assert table.column("error").to_pylist() == [None] * 3
+    assert table.column("text").to_pylist() == ["t0", "t1", "t2"]
+
+
 def test_committed_rows_are_skipped_and_counted(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)))
