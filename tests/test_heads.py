@@ -199,3 +199,24 @@ def test_cli_refuses_a_token_classifier_with_exit_2(tmp_path):
     assert "members[0] (tok)" in proc.stderr and "BertForTokenClassification" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pickled_weights_load_only_when_the_member_allows_them(tmp_path):
+    from jobs.example import build_classifier
+    from tests.oracle import plain_logits
+
+    model = build_classifier(tmp_path / "m", id2label=ID2LABEL, seed=4)
+    reference = plain_logits(model, ["a fine film", "a dull plot"])
+    weights = model / "model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), model / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ConfigError) as err:
+        plan_of(tmp_path, model)
+    message = str(err.value)
+    assert "members[0] (m)" in message and "pytorch_model.bin" in message
+    assert "allow_pickle: true" in message
+    plan = plan_of(tmp_path, model, allow_pickle=True)
+    host = MemberHost(member=plan.config.members[0], spec=plan.specs[0], plan=plan, threads=1)
+    np.testing.assert_allclose(host.infer(["a fine film", "a dull plot"]), reference, atol=1e-5)

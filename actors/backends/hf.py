@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from actors.backends.base import (
     TOKEN_INPUTS,
@@ -35,8 +36,30 @@ local_files = False  # a hub id works too
 trainable = True
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
 class Options(BackendOptions):
-    """transformers members take only the common member keys."""
+    allow_pickle: bool = Field(
+        False,
+        description="Load .bin / .pt weights (Python pickles, which can run code) from a "
+        "model folder without safetensors. Only for files you trust.",
+    )
+
+
+def _check_weights(member: Any) -> None:
+    """A local folder with pickled weights and no safetensors is refused unless the member
+    allows pickles: torch.load would run whatever the file holds."""
+    path = Path(member.model)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or member.options.allow_pickle:
+        return
+    pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
+    if pickled:
+        raise BackendError(
+            f"model: {path} holds only pickled weights ({', '.join(pickled)}), which are not "
+            "loaded: convert them to safetensors (model.save_pretrained(dir)), or set "
+            "allow_pickle: true on this member if you trust the files"
+        )
 
 
 def read_config(member: Any) -> Any:
@@ -103,6 +126,7 @@ def pad_token_id(config: Any, tokenizer: Any) -> int | None:
 
 def describe(member: Any, task: Any) -> HeadInfo:
     config = read_config(member)
+    _check_weights(member)
     if task.hf_model_class == "AutoModelForSequenceClassification" and _decoder_only(config):
         if pad_token_id(config, _tokenizer(member)) is None:
             raise BackendError(
@@ -131,6 +155,7 @@ class HFBackend(TokenizedBackend):
         import torch
         import transformers
 
+        _check_weights(member)
         self._torch = torch
         self.device = device
         self.task = task
