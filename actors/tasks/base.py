@@ -166,6 +166,9 @@ class Task:
     fittable: bool = False
     # The output declaration: the ensemble's fields and each member's.
     fields: tuple[OutputField, ...] = ()
+    # The ensemble field holding one vector per text, which OpenAI-style /v1/embeddings
+    # serves; None for a task that gives no embeddings.
+    vector_field: str | None = None
 
     @property
     def default_combine(self) -> str:

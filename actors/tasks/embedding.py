@@ -31,6 +31,7 @@ class EmbeddingTask(Task):
     name = "embedding"
     combine_methods = tuple(sorted(EMBEDDING_COMBINE, key=lambda c: c != "mean"))
     hf_model_class = "AutoModel"
+    vector_field = "embedding"
     fields = (
         OutputField(
             "embedding",

@@ -49,9 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The output field OpenAI-style ``/v1/embeddings`` answers with: one vector per text.
-EMBEDDING_FIELD = "embedding"
-
 
 class PairInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -258,10 +255,8 @@ class HttpApi:
         self.scoring = 0  # requests between admission and answer, this replica
         self.widths = _widths(plan)  # each output's trailing shape, for the V2 metadata
         self.v2_names = tuple(f.name for f in protocols.v2_fields(self.task.fields))
-        # /v1/embeddings serves the ensemble's `embedding` output field, whichever task
-        # declares one (a field, not a task kind: no task name is tested here).
-        fields = {f.name: f for f in self.task.fields if not f.member}
-        self.embedding = fields.get(EMBEDDING_FIELD)
+        # /v1/embeddings serves the field the task names as its vector, if any.
+        self.embedding = self.task.vector_field
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by _BodyLimit
 
     # --- the core, supplied by the deployment ---
@@ -365,7 +360,7 @@ class HttpApi:
         self._model(req.model)
         scored = await self._scored(req.texts, None)
         self._all_valid(scored, "input")
-        vectors = scored.columns[EMBEDDING_FIELD]
+        vectors = scored.columns[self.embedding]
         if req.dimensions is not None and req.dimensions != vectors.shape[1]:
             raise invalid(
                 f"dimensions: {req.dimensions}, but this ensemble's embeddings have "
