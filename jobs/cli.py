@@ -434,11 +434,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.fitting import check_labelled_input
     from pipelines.output import check_replaceable
     from pipelines.plan import plan_ensemble
+    from pipelines.storage import Location
 
     plan = plan_ensemble(load_config(args.config))
     check_labelled_input(plan, args.input, args.label_column, "evaluate")
     # The scored set is replaced on each run, and only if it is an output of ours.
-    check_replaceable(Path(args.report) / SCORED_DIR, "--report")
+    check_replaceable(Location.of(args.report).join(SCORED_DIR), "--report")
     with _ray(args.address, args.num_cpus):
         metrics = evaluate(
             plan, args.input, args.label_column, args.report, cpu_fallback=_local(args.address)
@@ -468,6 +469,7 @@ def main(
     from pipelines.config import ConfigError
     from pipelines.io import InputError
     from pipelines.output import CommitError
+    from pipelines.storage import StorageError
 
     args = (parser or build_parser()).parse_args(argv)
     _setup_logging()
@@ -486,7 +488,7 @@ def main(
             return _evaluate(args)
         if args.command == "demo":
             return _demo(args)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, StorageError) as exc:
         print(f"ray-ensemble: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommitError as exc:

@@ -21,22 +21,25 @@ shown as U+FFFD in any other column, which keeps the row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS, EnsembleConfig
+from pipelines.storage import Location, StorageError
 
 __all__ = [
     "FILE_COLUMN",
@@ -50,6 +53,7 @@ __all__ = [
     "list_input_files",
     "peek_columns",
     "read_column",
+    "read_counts",
     "require_column",
     "validate_rows",
     "write_json",
@@ -82,49 +86,85 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputFiles:
-    """The files of one ``--input``, their format and the folder their ids are relative to."""
+    """The files of one ``--input`` (on any filesystem), their format and the folder
+    their ids are relative to. ``sizes`` and ``mtimes`` are as listed, for the job's
+    fingerprint."""
 
-    files: tuple[Path, ...]
+    files: tuple[Location, ...]
     fmt: str
-    root: Path
+    root: Location
+    sizes: tuple[int, ...] = ()
+    mtimes: tuple[int | None, ...] = ()
     names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        names = tuple(p.relative_to(self.root).as_posix() for p in self.files)
+        names = tuple(self.root.relative(p.path) for p in self.files)
         object.__setattr__(self, "names", names)
 
 
-def list_input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str, Path]:
+def _suffix(path: str) -> str:
+    return PurePosixPath(path).suffix.lower()
+
+
+def _mtime(info: pafs.FileInfo) -> int | None:
+    return info.mtime_ns if info.mtime is not None else None
+
+
+def _input_location(path: str | os.PathLike[str] | Location) -> Location:
+    try:
+        return Location.of(path)
+    except StorageError as exc:
+        raise InputError(f"--input: {exc}") from exc
+
+
+def list_input_files(
+    path: str | os.PathLike[str] | Location,
+) -> tuple[list[Location], str, Location]:
     """The files to read, their format and the root their ids are relative to."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"--input: {path} does not exist")
-    if path.is_file():
-        fmt = FORMATS.get(path.suffix.lower())
+    files, fmt, root, _ = _list_inputs(path)
+    return files, fmt, root
+
+
+def _list_inputs(
+    path: str | os.PathLike[str] | Location,
+) -> tuple[list[Location], str, Location, list[pafs.FileInfo]]:
+    """:func:`list_input_files`, and the listing (sizes, times)."""
+    where = _input_location(path)
+    info = where.info()
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"--input: {where} does not exist")
+    if info.type == pafs.FileType.File:
+        fmt = FORMATS.get(_suffix(where.path))
         if fmt is None:
             raise InputError(
-                f"--input: cannot tell the format of {path.name}; use a .parquet, .csv or .jsonl file"
+                f"--input: cannot tell the format of {where.name}; use a .parquet, .csv or .jsonl file"
             )
-        return [path], fmt, path.parent
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FORMATS
-        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        return [where], fmt, where.parent, [info]
+    listed = sorted(
+        (
+            entry
+            for entry in where.list(recursive=True)
+            if entry.type == pafs.FileType.File
+            and _suffix(entry.path) in FORMATS
+            and not any(
+                part.startswith((".", "_"))
+                for part in PurePosixPath(where.relative(entry.path)).parts
+            )
+        ),
+        key=lambda entry: entry.path,
     )
-    if not files:
-        raise InputError(f"--input: {path} holds no .parquet, .csv or .jsonl files")
-    formats = {FORMATS[p.suffix.lower()] for p in files}
+    if not listed:
+        raise InputError(f"--input: {where} holds no .parquet, .csv or .jsonl files")
+    formats = {FORMATS[_suffix(e.path)] for e in listed}
     if len(formats) > 1:
         raise InputError(
-            f"--input: {path} mixes formats {sorted(formats)}; point --input at one format at a time"
+            f"--input: {where} mixes formats {sorted(formats)}; point --input at one format at a time"
         )
-    return files, formats.pop(), path
+    return [where.at(e.path) for e in listed], formats.pop(), where, listed
 
 
 def require_column(
-    path: Path, fmt: str, columns: list[str], column: str, flag: str, fix: str = ""
+    path: Location, fmt: str, columns: list[str], column: str, flag: str, fix: str = ""
 ) -> None:
     """InputError when ``path`` (with ``columns``, from :func:`peek_columns`) lacks ``column``.
 
@@ -137,17 +177,28 @@ def require_column(
         )
 
 
-def peek_columns(path: Path, fmt: str) -> list[str]:
+def _lines(path: Location) -> io.BufferedReader:
+    """The file's bytes as a line iterator, decompressed by suffix as it streams."""
+    return io.BufferedReader(path.open_input(), 1 << 16)
+
+
+def _parquet(path: Location) -> pq.ParquetFile:
+    return pq.ParquetFile(path.open_file())
+
+
+def peek_columns(path: Location, fmt: str) -> list[str]:
     """Column names from the start of a file, for checks before any Ray work.
 
     Raises OSError or pyarrow's errors for a file that cannot be read at all.
     """
     if fmt == "parquet":
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(_parquet(path).schema_arrow.names)
     if fmt == "csv":
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        with io.TextIOWrapper(
+            _lines(path), newline="", encoding="utf-8-sig", errors="replace"
+        ) as f:
             return next(csv.reader(f), [])
-    with open(path, "rb") as f:
+    with _lines(path) as f:
         for raw in _without_bom(f):
             if raw.strip():
                 try:
@@ -168,15 +219,15 @@ def check_input(
     named. ``allow``: columns that may share an output column's name (they are renamed
     or never reach the output).
     """
-    files, fmt, root = list_input_files(input_path)
+    files, fmt, root, listed = _list_inputs(input_path)
     unreadable: list[str] = []
-    columns_of: dict[Path, list[str]] = {}
+    columns_of: dict[Location, list[str]] = {}
     for path in files:
         try:
             columns_of[path] = peek_columns(path, fmt)
         except Exception as exc:  # pyarrow and the OS raise many kinds for a broken file
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            unreadable.append(f"{path.relative_to(root).as_posix()} ({detail})")
+            unreadable.append(f"{root.relative(path.path)} ({detail})")
     if unreadable:
         raise InputError(
             f"--input: {len(unreadable)} file(s) cannot be read: {'; '.join(unreadable)}; "
@@ -197,7 +248,13 @@ def check_input(
                 f"--input: column(s) {clash} of {path.name} have the names of output columns; "
                 "rename or drop them (scoring an already scored file?)"
             )
-    return InputFiles(tuple(files), fmt, root)
+    return InputFiles(
+        tuple(files),
+        fmt,
+        root,
+        tuple(int(e.size or 0) for e in listed),
+        tuple(_mtime(e) for e in listed),
+    )
 
 
 def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | None) -> pa.Table:
@@ -372,10 +429,10 @@ def _table(rows: list[dict], errors: list[str | None], text_columns: list[str]) 
     return pa.table(columns)
 
 
-def _jsonl_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
+def _jsonl_blocks(path: Location, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
     rows: list[dict] = []
     errors: list[str | None] = []
-    with open(path, "rb") as f:
+    with _lines(path) as f:
         for raw in _without_bom(f):
             if not raw.strip():
                 continue
@@ -389,10 +446,12 @@ def _jsonl_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Itera
         yield _table(rows, errors, text_columns)
 
 
-def _csv_blocks(path: Path, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
+def _csv_blocks(path: Location, block_rows: int, text_columns: list[str]) -> Iterator[pa.Table]:
     """CSV values as text; a ragged row or bad bytes make an error row, not a failed read."""
     # utf-8-sig: a byte order mark (Excel writes one) is not part of the first header.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with io.TextIOWrapper(
+        _lines(path), newline="", encoding="utf-8-sig", errors="surrogateescape"
+    ) as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)
@@ -438,12 +497,12 @@ def _csv_table(
 
 
 def iter_blocks(
-    path: Path, fmt: str, block_rows: int, text_columns: list[str]
+    path: Location, fmt: str, block_rows: int, text_columns: list[str]
 ) -> Iterator[pa.Table]:
     """The rows of one input file, ``block_rows`` at a time, in order. A record that is
     a row but not text has its reason in ``__read_error``."""
     if fmt == "parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows):
+        for batch in _parquet(path).iter_batches(batch_size=block_rows):
             yield pa.Table.from_batches([batch])
     elif fmt == "csv":
         yield from _csv_blocks(path, block_rows, text_columns)
@@ -451,7 +510,7 @@ def iter_blocks(
         yield from _jsonl_blocks(path, block_rows, text_columns)
 
 
-def read_column(files: list[Path], fmt: str, column: str) -> list:
+def read_column(files: list[Location], fmt: str, column: str) -> list:
     """One column of every input row, in input order (None where a row lacks it)."""
     values: list = []
     for path in files:
@@ -494,7 +553,7 @@ class InputDatasource(Datasource):
         text_pair_column: str | None = None,
         rename: Mapping[str, str] | None = None,
         skip: Mapping[str, np.ndarray] | None = None,
-        counts_dir: Path | None = None,
+        counts_dir: Location | None = None,
         block_rows: int = BLOCK_ROWS,
     ) -> None:
         super().__init__()
@@ -511,17 +570,16 @@ class InputDatasource(Datasource):
         return self.inputs.fmt.upper()
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(f.stat().st_size for f in self.inputs.files)
+        return sum(self.inputs.sizes) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
         for index, path in enumerate(self.inputs.files):
-            rows = pq.ParquetFile(path).metadata.num_rows if self.inputs.fmt == "parquet" else None
             meta = BlockMetadata(
-                num_rows=rows,
-                size_bytes=path.stat().st_size,
+                num_rows=None,
+                size_bytes=self.inputs.sizes[index] if self.inputs.sizes else None,
                 exec_stats=None,
-                input_files=(str(path),),
+                input_files=(path.uri,),
             )
             tasks.append(
                 ReadTask(
@@ -555,7 +613,7 @@ class InputDatasource(Datasource):
             table = table.append_column(ROW_COLUMN, pa.array(rows))
             yield table if keep.all() else table.filter(pa.array(keep))
         if self.counts_dir is not None:
-            write_json(self.counts_dir / f"{index}.json", {"file": name, "rows": start})
+            write_json(self.counts_dir.join(f"{index}.json"), {"file": name, "rows": start})
 
     def _with_ids(self, table: pa.Table, name: str, start: int) -> pa.Table:
         n = table.num_rows
@@ -571,8 +629,21 @@ class InputDatasource(Datasource):
         return table
 
 
-def write_json(path: Path, doc: dict) -> None:
-    """Write ``doc`` so that a reader sees the whole file or none of it."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+def read_counts(counts_dir: Location) -> dict[int, int]:
+    """Rows read per input file (its index), as the read tasks that finished recorded."""
+    counts: dict[int, int] = {}
+    for entry in counts_dir.list():
+        name = PurePosixPath(entry.path).name
+        if not name.endswith(".json") or name.startswith(".tmp-"):
+            continue
+        try:
+            doc = json.loads(counts_dir.at(entry.path).read_bytes())
+            counts[int(name[: -len(".json")])] = int(doc["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record cut short is no record: that file counts as not read
+    return counts
+
+
+def write_json(path: Location, doc: dict) -> None:
+    """Write ``doc`` so that a reader sees the whole file or none of it, durably."""
+    path.write_bytes(json.dumps(doc).encode())

@@ -45,6 +45,7 @@ from pipelines.output import (
 )
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, HostResources, hosts_on_cluster
 from pipelines.progress import progress_log
+from pipelines.storage import Location
 
 __all__ = [
     "ScoreSummary",
@@ -110,7 +111,7 @@ def build_dataset(
     reduce: bool = True,
     rename: Mapping[str, str] | None = None,
     skip: Mapping[str, np.ndarray] | None = None,
-    counts_dir: Path | None = None,
+    counts_dir: Location | None = None,
     progress: Any = None,
 ):
     """The lazy Ray Data pipeline from the input to the output contract's columns (with
@@ -211,7 +212,11 @@ def _total_rows(inputs: InputFiles) -> int | None:
         return None  # known only once read
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.files)
+    total = 0
+    for path in inputs.files:
+        with path.open_file() as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def run_job(
@@ -226,11 +231,11 @@ def run_job(
     ``cpu_fallback``: run GPU members on CPU when Ray has no GPU (a local Ray); on a
     joined cluster, leave it False so they wait for GPU nodes."""
     out = job.output
-    if out.done or (out.resume and (out.staging / PUBLISH_FILE).is_file()):
-        success = finish_publish(out) if not out.done else _read_success(out)
+    if out.done or (out.resume and out.staging.join(PUBLISH_FILE).is_file()):
+        success = finish_publish(out) if out.staging.exists() else _read_success(out)
         logger.info("score: %s is complete already", out.out)
         return _summary(success, out, resumed=success["rows_written"])
-    committed = read_committed(out.staging) if out.resume else None
+    committed = read_committed(out) if out.resume else None
     resumed = committed.rows if committed else 0
     if committed:
         logger.info(
@@ -253,7 +258,7 @@ def run_job(
             progress=progress,
         )
         ds.write_datasink(
-            StagedParquetSink(out.staging, job.inputs.names, rows_per_file),
+            StagedParquetSink(out, job.inputs.names, rows_per_file),
             ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
     success = verify(out, job.inputs)
@@ -262,7 +267,7 @@ def run_job(
 
 
 def _read_success(out: OutputJob) -> dict:
-    return json.loads((out.out / SUCCESS).read_text())
+    return json.loads(out.out.join(SUCCESS).read_bytes())
 
 
 def _summary(success: dict, out: OutputJob, *, resumed: int) -> ScoreSummary:

@@ -29,6 +29,7 @@ from pipelines.output import (
     read_committed,
     verify,
 )
+from pipelines.storage import Location
 
 DEEP = "[" * 100_000 + "]" * 100_000
 
@@ -135,7 +136,7 @@ def test_committed_rows_are_skipped_and_counted(tmp_path):
     counts = tmp_path / "counts"
     counts.mkdir()
     skip = {"in.jsonl": np.array([[0, 4], [6, 7]])}
-    table = read_all(path, cfg(tmp_path), skip=skip, counts_dir=counts)
+    table = read_all(path, cfg(tmp_path), skip=skip, counts_dir=Location.of(counts))
     assert table.column(ROW_COLUMN).to_pylist() == [4, 5, 7, 8, 9]
     assert table.column("id").to_pylist() == [f"in.jsonl:{i}" for i in (4, 5, 7, 8, 9)]
     assert json.loads((counts / "0.json").read_text()) == {"file": "in.jsonl", "rows": 10}
@@ -196,7 +197,7 @@ def test_an_output_folder_that_holds_the_input_is_refused(job, tmp_path):
 
 
 def write_parts(job_out, inputs, rows):
-    sink = StagedParquetSink(job_out.staging, inputs.names, 100)
+    sink = StagedParquetSink(job_out, inputs.names, 100)
     table = pa.table(
         {
             "id": [f"x{r}" for r in rows],
@@ -212,33 +213,39 @@ def test_commit_verify_publish_and_the_flags(job, tmp_path):
     path, config, inputs = job
     out = tmp_path / "out"
     first = prepare_output(out, path, config, inputs)
-    assert first.staging == out.resolve() / "_staging"
-    (first.counts_dir / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
-    assert write_parts(first, inputs, [0, 1, 2])["part"] == "part-00000-000000000000.parquet"
+    assert first.staging.local_path == out.resolve() / "_staging"
+    counts = first.counts_dir.local_path
+    counts.mkdir()
+    (counts / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
+    part0 = f"part-{first.run}-00000-000000000000.parquet"
+    assert write_parts(first, inputs, [0, 1, 2])["part"] == part0
     write_parts(first, inputs, [0, 1, 2])  # a retried task rewrites the same part
-    assert read_committed(first.staging).written == {"in.jsonl": 3}
+    assert read_committed(first).written == {"in.jsonl": 3}
     with pytest.raises(CommitError, match=r"in.jsonl: read 6 rows, wrote 3"):
         verify(first, inputs)
     # Interrupted: no flag is refused, --resume continues with what is committed.
     with pytest.raises(InputError, match="--resume"):
         prepare_output(out, path, config, inputs)
     resumed = prepare_output(out, path, config, inputs, resume=True)
-    assert read_committed(resumed.staging).ranges["in.jsonl"].tolist() == [[0, 3]]
+    assert resumed.run == first.run
+    assert read_committed(resumed).ranges["in.jsonl"].tolist() == [[0, 3]]
     other = config.model_copy(update={"name": "other"})
     with pytest.raises(InputError, match="config differs"):
         prepare_output(out, path, other, inputs, resume=True)
-    write_parts(resumed, inputs, [2, 3, 4, 5])  # overlaps row 2
-    with pytest.raises(CommitError, match=r"read 6 rows, wrote 7 \(1 of them twice\)"):
+    # A stray writer repeats row 2: its part goes (one copy of each row is kept), and
+    # rows only it held are missing until scored again, not counted twice.
+    write_parts(resumed, inputs, [2, 3, 4, 5])
+    with pytest.raises(CommitError, match=r"read 6 rows, wrote 3"):
         verify(resumed, inputs)
-    (resumed.staging / "part-00000-000000000002.parquet").unlink()
+    assert sorted(p.name for p in resumed.staging.local_path.glob("part-*")) == [part0]
     write_parts(resumed, inputs, [3, 4, 5])
     success = verify(resumed, inputs)
     assert success["files"] == {"in.jsonl": {"read": 6, "written": 6, "errors": 0}}
     publish(resumed, success)
     assert sorted(p.name for p in out.iterdir()) == [
         SUCCESS,
-        "part-00000-000000000000.parquet",
-        "part-00000-000000000003.parquet",
+        part0,
+        f"part-{first.run}-00000-000000000003.parquet",
     ]
     ids = pq.read_table(out).column("id").to_pylist()
     assert ids == [f"x{i}" for i in range(6)]
@@ -249,7 +256,8 @@ def test_commit_verify_publish_and_the_flags(job, tmp_path):
     # --overwrite stages beside the old output and removes nothing yet.
     again = prepare_output(out, path, config, inputs, overwrite=True)
     assert (out / SUCCESS).is_file() and len(list(out.glob("*.parquet"))) == 2
-    shutil.rmtree(again.staging)
+    assert again.run != first.run
+    shutil.rmtree(again.staging.local_path)
 
 
 @pytest.mark.parametrize(
@@ -289,14 +297,17 @@ def test_a_publish_cut_short_is_finished_by_resume(job, tmp_path):
     out.mkdir()
     (out / "part-00007-000000000000.parquet").write_bytes(b"a part of an old output")
     first = prepare_output(out, path, config, inputs, overwrite=True)
-    (first.counts_dir / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
+    counts = first.counts_dir.local_path
+    counts.mkdir()
+    (counts / "0.json").write_text(json.dumps({"file": "in.jsonl", "rows": 6}))
     write_parts(first, inputs, [0, 1, 2])
     write_parts(first, inputs, [3, 4, 5])
     success = verify(first, inputs)
     # The driver dies after recording the publish and moving one part, before _SUCCESS.
-    (first.staging / PUBLISH_FILE).write_text(json.dumps(success))
+    staging = first.staging.local_path
+    (staging / PUBLISH_FILE).write_text(json.dumps(success))
     moved = success["parts"][0]
-    (first.staging / moved).rename(out / moved)
+    (staging / moved).rename(out / moved)
     assert not (out / SUCCESS).exists()
 
     resumed = prepare_output(out, path, config, inputs, resume=True)
