@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from actors.backends.base import MemberBackend, import_member_modules, pick_device
 from actors.tasks import MemberSpec, Task
 from actors.tasks.base import EnsemblePlan
+from pipelines.storage import local_member
 
 __all__ = [
     "CPU_BATCH_TOKENS",
@@ -59,7 +60,8 @@ CPU_BATCH_TOKENS = 2048
 def make_backend(member: Any, task: Task, device: str, threads: int | None = None) -> MemberBackend:
     """The member's model, loaded on ``device``, behind the one backend interface."""
     import_member_modules(member)
-    return member.backend_module.load(member, task, device, threads)
+    # A model on object storage is loaded from this node's copy (made once per node).
+    return member.backend_module.load(local_member(member), task, device, threads)
 
 
 def member_output_column(name: str) -> str:

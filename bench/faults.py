@@ -5,8 +5,8 @@ driver (with every process it started) is killed at 40% and then resumed.
 
 Both run `ray-ensemble score configs/example.yaml` (three tiny members built by
 `python -m jobs.example`) as a user does, on a local Ray of its own. "40%" is observed,
-not slept for: the kill comes once the committed parts in `OUT/_staging/` hold 40% of
-the rows (read from their footers). Each run then checks the published output: rows,
+not slept for: the kill comes once the committed parts hold 40% of the rows (read from
+their footers). Each run then checks the published output: rows,
 unique ids, and that they equal the input's ids in input order.
 """
 
@@ -31,13 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def committed_rows(out: Path) -> int:
-    from pipelines.output import read_committed
+    from pipelines.output import committed_rows as committed
 
-    staging = out / "_staging"
-    try:
-        return read_committed(staging).rows if staging.is_dir() else 0
-    except (OSError, ValueError):
-        return 0  # a part renamed while its footer was read: look again
+    return committed(out)
 
 
 def score_cmd(work: Path, out: Path, rows_per_file: int, *flags: str) -> list[str]:

@@ -86,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("config", help="ensemble config (YAML)")
     score.add_argument(
-        "--input", required=True, help="a .parquet/.csv/.jsonl file or a directory of them"
+        "--input",
+        required=True,
+        help="a .parquet/.csv/.jsonl/.json file (also .gz/.bz2/.zst) or a folder of them; a "
+        "local path or a URI (s3://, gs://, abfs://, file://)",
     )
-    score.add_argument("--output", required=True, help="directory for the scored Parquet files")
+    score.add_argument(
+        "--output",
+        required=True,
+        help="folder for the scored Parquet files and _SUCCESS; a local path or a URI",
+    )
     mode = score.add_mutually_exclusive_group()
     mode.add_argument(
         "--overwrite",
@@ -420,7 +427,7 @@ def _fit(args: argparse.Namespace) -> int:
             plan, inputs, args.label_column, cpu_fallback=_local(args.address)
         )
     result = fit_ensemble(plan, data, args.combine)
-    out = write_fitted_config(args.config, args.output, cfg, result)
+    out = write_fitted_config(args.config, args.output, cfg, result, revisions=plan.revisions)
     logger.info("%s", render_fit(result, data.skipped, out))
     warning = result.no_gain_warning()
     if warning:

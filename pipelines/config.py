@@ -263,6 +263,16 @@ class MemberConfig(_Strict):
         """The backend's own keys, validated, with their defaults."""
         return self._options
 
+    def with_options(self, **options: Any) -> MemberConfig:
+        """A copy with some of its backend's keys set, validated like the original.
+
+        >>> m = MemberConfig(name="a", model="org/a", revision="main")
+        >>> m.with_options(revision="0" * 40).options.revision == "0" * 40
+        True
+        """
+        data = self.model_dump(by_alias=True)
+        return type(self).model_validate({**data, **options})
+
     @property
     def backend_module(self) -> Any:
         """The backend's module, found from the options' class: a process that never saw
@@ -383,6 +393,13 @@ class EnsembleConfig(_Strict):
         return get_task(self.task).output_columns(self)
 
 
+def is_uri(text: str | os.PathLike[str]) -> bool:
+    """``scheme://...`` (object storage, ``file://``), not a local path or a hub id."""
+    text = str(text)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").isalnum()
+
+
 def _looks_like_path(model: str) -> bool:
     # A hub id is "name" or "org/name"; anything else is meant as a local path.
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
@@ -500,8 +517,18 @@ def config_from_dict(
     members = []
     for i, member in enumerate(cfg.members):
         try:
-            if member.train is not None:
+            if is_uri(member.model) and member.train is None:
+                # Object storage: copied to each node's model cache where it is loaded.
+                model = member.model
+            elif member.train is not None:
                 # The trainer writes here: always a local directory.
+                if is_uri(member.model):
+                    raise ConfigError(
+                        f"{source}: members[{i}] ({member.name}).model: a member with a "
+                        f"train: block writes its model there, so it must be a local folder, "
+                        f"not {member.model}; train locally, upload the folder, and point "
+                        "model: of a member without train: at it"
+                    )
                 model = str(local_path(member.model, base_dir))
                 if not for_training and not Path(model).is_dir():
                     raise FileNotFoundError(model)
@@ -521,7 +548,7 @@ def config_from_dict(
                 "folder), train the member first (`ray-ensemble train`), or give a hub id"
             ) from None
         update: dict[str, Any] = {"model": model}
-        if member.tokenizer:
+        if member.tokenizer and not is_uri(member.tokenizer):
             try:
                 update["tokenizer"] = resolve_model_path(member.tokenizer, base_dir)
             except FileNotFoundError as exc:

@@ -8,12 +8,12 @@ them (accuracy, macro-F1, confusion matrix); NLL, Brier score and ECE are a line
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from actors.tasks.classification import (
     ECE_BINS,
@@ -25,7 +25,9 @@ from actors.tasks.classification import (
 from actors.tasks.classification import metrics as classification_metrics
 from pipelines.fitting import check_single_label, label_indices
 from pipelines.offline import score
+from pipelines.output import read_output
 from pipelines.plan import EnsemblePlan
+from pipelines.storage import Location
 
 __all__ = [
     "brier",
@@ -47,8 +49,14 @@ TRUTH_COLUMN = "true_label"
 SCORED_DIR = "scored"
 
 
+def _save(fig, where: Location) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    where.write_bytes(buffer.getvalue())
+
+
 def _plots(
-    report: Path, labels: list[str], probs: dict[str, np.ndarray], y: np.ndarray
+    report: Location, labels: list[str], probs: dict[str, np.ndarray], y: np.ndarray
 ) -> list[str]:
     import matplotlib
 
@@ -78,7 +86,7 @@ def _plots(
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(report / "reliability.png", dpi=110)
+    _save(fig, report.join("reliability.png"))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5))
@@ -92,7 +100,7 @@ def _plots(
     )
     ax.set_title("Ensemble confusion matrix")
     fig.tight_layout()
-    fig.savefig(report / "confusion.png", dpi=110)
+    _save(fig, report.join("confusion.png"))
     plt.close(fig)
     return ["reliability.png", "confusion.png"]
 
@@ -198,8 +206,8 @@ def evaluate(
     and the plots there. Ray must be running. Returns the metrics."""
     check_single_label(plan, "evaluate")
     cfg = plan.config
-    report = Path(report_dir)
-    report.mkdir(parents=True, exist_ok=True)
+    report = Location.of(report_dir)
+    report.mkdir()
     if not cfg.reducer.output_members:
         # Member metrics need the members' distributions.
         cfg = cfg.model_copy(
@@ -209,7 +217,7 @@ def evaluate(
     summary = score(
         plan,
         input_path,
-        report / SCORED_DIR,
+        report.join(SCORED_DIR),
         overwrite=True,
         rename={label_column: TRUTH_COLUMN},
         cpu_fallback=cpu_fallback,
@@ -220,14 +228,13 @@ def evaluate(
     task = plan.task
     ensemble_field = next(f for f in task.fields if f.name == "probs" and not f.member)
     member_field = next(f for f in task.fields if f.name == "probs" and f.member)
-    table = pq.read_table(
-        report / SCORED_DIR,
-        columns=[
+    table = read_output(report.join(SCORED_DIR)).select(
+        [
             TRUTH_COLUMN,
             "error",
             ensemble_field.column(),
             *(member_field.column(n) for n in names),
-        ],
+        ]
     )
     y_all = label_indices(table.column(TRUTH_COLUMN).to_pylist(), cfg.labels, label_column)
     ok = (y_all >= 0) & np.array([e is None for e in table.column("error").to_pylist()])
@@ -256,8 +263,8 @@ def evaluate(
         "combine": cfg.reducer.combine,
         "labels": list(cfg.labels),
     }
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    metrics_table(metrics).to_csv(report / "metrics.csv")
+    report.join("metrics.json").write_bytes((json.dumps(metrics, indent=2) + "\n").encode())
+    report.join("metrics.csv").write_bytes(metrics_table(metrics).to_csv().encode())
     images = _plots(report, list(cfg.labels), probs, y)
     pairs = "\n".join(
         f"| {k.replace('|', ' / ')} | {v:.4f} |" for k, v in metrics["agreement"].items()
@@ -280,5 +287,5 @@ def evaluate(
         *(f"![{Path(i).stem}]({i})" for i in images),
         "",
     ]
-    (report / "report.md").write_text("\n".join(md))
+    report.join("report.md").write_bytes("\n".join(md).encode())
     return metrics

@@ -13,6 +13,7 @@ Member outputs come from the offline pipeline (the same read, tokenise and forwa
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,19 +416,40 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     )
 
 
-def _relocate(path: str, out_dir: Path) -> str:
-    """A resolved local path as seen from ``out_dir``; a hub id unchanged."""
-    if os.path.isabs(path) and os.path.exists(path):
-        return os.path.relpath(path, out_dir)
-    return path
+def _relocate(written: Any, resolved: str | None, out_dir: Path) -> Any:
+    """A path the user wrote relative to their config, rewritten relative to ``out_dir``
+    (the fitted config's folder), from which every relative path in it is read.
+
+    ``resolved``: the same path as the loaded config holds it (absolute when it is a
+    local path). Absolute paths (``/...``, ``~/...``) already work from anywhere and hub
+    ids are not paths: both are kept as written."""
+    if not isinstance(written, str) or not resolved or not os.path.isabs(resolved):
+        return written
+    if os.path.isabs(written) or written.startswith("~"):
+        return written
+    return Path(os.path.relpath(resolved, out_dir)).as_posix()
 
 
 def write_fitted_config(
-    config_path: str | Path, output: str | Path, cfg: EnsembleConfig, result: FitResult
+    config_path: str | Path,
+    output: str | Path,
+    cfg: EnsembleConfig,
+    result: FitResult,
+    *,
+    revisions: Mapping[str, str] | None = None,
 ) -> Path:
-    """The user's config with fitted temperatures, weights or stacking model; paths are
-    rewritten relative to the new file's folder. Returns the path written; a stacking
-    model goes beside it as ``<name>.stacking.json``."""
+    """The user's config with fitted temperatures, weights or stacking model. Returns the
+    path written; a stacking model goes beside it as ``<name>.stacking.json``.
+
+    Every relative path (``model``, ``tokenizer``, ``train.base_model``, ``reducer.stacking``)
+    is rewritten relative to the new file's folder, which is where a config's relative
+    paths are read from: the fitted config loads from any working directory, and moves
+    with the models it names like any other config. Absolute paths and hub ids stay as
+    written.
+
+    ``revisions``: member name -> hub commit (``EnsemblePlan.revisions`` of the plan that
+    was fitted), written as those members' ``revision:`` so the fitted config loads the
+    very weights its temperatures and weights were fitted on."""
     output = Path(output)
     out_dir = output.resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,9 +457,15 @@ def write_fitted_config(
     for raw, member, t, w in zip(
         data["members"], cfg.members, result.temperatures, result.weights, strict=True
     ):
-        raw["model"] = _relocate(member.model, out_dir)
+        raw["model"] = _relocate(raw.get("model"), member.model, out_dir)
+        if raw.get("tokenizer"):
+            raw["tokenizer"] = _relocate(raw["tokenizer"], member.tokenizer, out_dir)
         if member.train is not None and isinstance(raw.get("train"), dict):
-            raw["train"]["base_model"] = _relocate(member.train.base_model, out_dir)
+            raw["train"]["base_model"] = _relocate(
+                raw["train"].get("base_model"), member.train.base_model, out_dir
+            )
+        if revisions and member.name in revisions:
+            raw["revision"] = revisions[member.name]
         raw["temperature"] = round(float(t), 6)
         raw["weight"] = round(float(w), 6)
     reducer = dict(data.get("reducer") or {})

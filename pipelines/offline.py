@@ -38,6 +38,7 @@ from pipelines.output import (
     OutputJob,
     StagedParquetSink,
     finish_publish,
+    interrupted_record,
     prepare_output,
     publish,
     read_committed,
@@ -129,9 +130,10 @@ def build_dataset(
         skip=skip,
         counts_dir=counts_dir,
     )
-    # One read task per file: rows are numbered by the task that reads their file.
+    # One read task per group of files (InputDatasource.groups); asking for exactly that
+    # many blocks keeps Ray from splitting every block to reach one block per file.
     ds = ray.data.read_datasource(
-        source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=len(inputs.files)
+        source, num_cpus=LIGHT_TASK_CPUS, override_num_blocks=source.num_read_tasks
     )
     alone = len(hosts) == 1
     for i, host in enumerate(hosts):
@@ -201,8 +203,20 @@ def prepare_job(
     """Every check of the input and the output folder, before Ray starts (InputError)."""
     rename = dict(rename or {})
     inputs = check_input(plan.config, input_path, allow=tuple(rename))
+    if resume:
+        # A resumed job loads the hub commits the first run resolved, even if a branch
+        # moved since: its rows must come from the same models.
+        pinned = (interrupted_record(output_dir) or {}).get("revisions")
+        if pinned:
+            plan = plan.with_revisions(pinned)
     output = prepare_output(
-        output_dir, input_path, plan.config, inputs, overwrite=overwrite, resume=resume
+        output_dir,
+        input_path,
+        plan.config,
+        inputs,
+        overwrite=overwrite,
+        resume=resume,
+        record={"revisions": plan.revisions},
     )
     return ScoreJob(plan, inputs, output, rename)
 

@@ -72,6 +72,7 @@ __all__ = [
     "publish",
     "read_committed",
     "read_output",
+    "interrupted_record",
     "verify",
 ]
 
@@ -272,6 +273,15 @@ def prepare_output(
     return OutputJob(out, job, run, resume=False, record=doc)
 
 
+def interrupted_record(output_dir: str | Path | Location) -> dict[str, Any] | None:
+    """What the interrupted job in ``output_dir`` recorded at its start (``_job.json``),
+    or None."""
+    try:
+        return _read_json(Location.of(output_dir).join(STAGING, JOB_FILE))
+    except StorageError:
+        return None
+
+
 def _published_parts(out: Location) -> set[str]:
     success = _read_json(out.join(SUCCESS))
     return set(success.get("parts", [])) if success else set()
@@ -413,12 +423,13 @@ def _overlaps(mine: dict[str, list[list[int]]], taken: dict[str, list[list[int]]
     return False
 
 
-def read_committed(job: OutputJob) -> Committed:
+def read_committed(job: OutputJob, *, repair: bool = True) -> Committed:
     """The manifests of the run's committed parts (their footers; the data is not read).
 
     A part whose rows overlap a part before it in name order repeats rows (a stray
-    writer, a retried task that bundled rows differently): it is removed, keeping one
-    copy of every row; rows only it held count as not committed and are scored again."""
+    writer, a retried task that bundled rows differently): it is removed (``repair``;
+    left alone and not counted otherwise), keeping one copy of every row; rows only it
+    held count as not committed and are scored again."""
     runs: dict[str, list[list[int]]] = {}
     errors: dict[str, int] = {}
     schemas: dict[str, pa.Schema] = {}
@@ -435,12 +446,14 @@ def read_committed(job: OutputJob) -> Committed:
             schema = pq.read_schema(f)
         manifest = json.loads((schema.metadata or {})[MANIFEST_KEY])
         if _overlaps(manifest["rows"], runs):
-            logger.warning(
-                "%s repeats rows another part holds (a stray writer?): removed, and any row "
-                "only it held is scored again",
-                where,
-            )
-            where.delete()
+            if repair:
+                logger.warning(
+                    "%s repeats rows another part holds (a stray writer?): removed, and any "
+                    "row only it held is scored again",
+                    where,
+                )
+            if repair:
+                where.delete()
             continue
         kept.append(name)
         schemas[name] = schema.remove_metadata()
@@ -562,6 +575,20 @@ def verify(job: OutputJob, inputs: InputFiles) -> dict[str, Any]:
         "job": job.job,
         "finished": _now(),
     }
+
+
+def committed_rows(out: str | Path | Location) -> int:
+    """Rows the running or interrupted job in ``out`` has committed so far (0 when none),
+    for progress and benchmarks; changes nothing."""
+    out = Location.of(out)
+    record = _read_json(out.join(STAGING, JOB_FILE))
+    if record is None or "run" not in record:
+        return 0
+    try:
+        job = OutputJob(out, record.get("job", {}), record["run"], resume=True)
+        return read_committed(job, repair=False).rows
+    except (OSError, ValueError, KeyError):
+        return 0  # a part replaced while its footer was read: ask again
 
 
 def publish(job: OutputJob, success: dict[str, Any]) -> None:

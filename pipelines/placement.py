@@ -49,7 +49,9 @@ class GpuNeed:
 def weight_bytes(member: MemberConfig, *, on_gpu: bool = True) -> int | None:
     """Bytes of the member's weights in the dtype it runs with (its backend estimates
     them from the files' headers); None when unknown, e.g. a hub id not downloaded."""
-    return member.backend_module.weight_bytes(member, on_gpu)
+    from pipelines.storage import local_member
+
+    return member.backend_module.weight_bytes(local_member(member), on_gpu)
 
 
 def estimate_gpu_need(member: MemberConfig) -> GpuNeed | None:

@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
 
 from actors.backends.base import BackendError, import_member_modules
 from actors.tasks import HeadMismatch, MemberSpec, Task, get_task
-from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
+from pipelines.config import ConfigError, EnsembleConfig, MemberConfig, is_uri
 from pipelines.stacking import StackingModel
+from pipelines.storage import StorageError, local_member
 
 __all__ = [
     "EnsemblePlan",
     "HostResources",
     "cluster_shape",
     "hosts_on_cluster",
+    "pin_member",
     "plan_ensemble",
     "plan_hosts",
 ]
@@ -55,6 +62,83 @@ class EnsemblePlan:
     def task(self) -> Task:
         return get_task(self.config.task)
 
+    @property
+    def revisions(self) -> dict[str, str]:
+        """Member name -> the hub commit hash it loads, for the members given as hub ids.
+
+        A job records these, and :meth:`with_revisions` pins a later plan to them (a
+        resumed job loads what the first run loaded, even if a branch moved since)."""
+        return {
+            m.name: m.options.revision
+            for m in self.config.members
+            if getattr(m.options, "revision", None)
+        }
+
+    def with_revisions(self, revisions: Mapping[str, str]) -> EnsemblePlan:
+        """This plan with the named hub members pinned to the given commit hashes (members
+        not named keep theirs). Their model configs are read again at those commits, so
+        the plan describes what the actors will load. Raises ConfigError for a name that
+        is not a hub member here, or a value that is not a 40-hex commit hash."""
+        hub = self.revisions
+        unknown = sorted(set(revisions) - set(hub))
+        if unknown:
+            raise ConfigError(
+                f"revisions for {unknown}, which are not members given as hub ids in this "
+                f"ensemble (those are {sorted(hub)}); the config changed since the "
+                "revisions were recorded: run the job afresh instead of resuming it"
+            )
+        bad = {n: r for n, r in revisions.items() if not COMMIT_HASH.fullmatch(str(r))}
+        if bad:
+            raise ConfigError(
+                f"revisions {bad} are not commit hashes (40 hex digits); pin members only to "
+                "the hashes a plan resolved (EnsemblePlan.revisions)"
+            )
+        members = [
+            m.with_options(revision=revisions[m.name])
+            if m.name in revisions and revisions[m.name] != hub[m.name]
+            else m
+            for m in self.config.members
+        ]
+        if all(a is b for a, b in zip(members, self.config.members, strict=True)):
+            return self
+        return plan_ensemble(self.config.model_copy(update={"members": members}))
+
+    def member_summaries(self) -> list[dict[str, Any]]:
+        """Each member as clients may see it: a model's name and never a path on this
+        machine (a local folder by its own name, a hub id with its pinned commit)."""
+        pinned = self.revisions
+        return [
+            {
+                "name": m.name,
+                "model": public_model_name(m.model),
+                "revision": pinned.get(m.name),
+                "weight": m.weight,
+                "temperature": m.temperature,
+            }
+            for m in self.config.members
+        ]
+
+
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def public_model_name(model: str) -> str:
+    """A hub id as it is; a local path (absolute once the config is loaded) or a URI by
+    its last component, which names the model without telling where the server keeps it."""
+    if os.path.isabs(model) or "://" in model or model.startswith(("~", ".")):
+        return PurePosixPath(model.replace("\\", "/").rstrip("/")).name or model
+    return model
+
+
+def pin_member(member: MemberConfig) -> MemberConfig:
+    """The member with what it loads fixed, by its backend's optional ``pin`` (the hf
+    backend resolves a hub revision to a commit hash). Runs once, on the driver.
+
+    Raises BackendError."""
+    pin = getattr(member.backend_module, "pin", None)
+    # A model on object storage is no hub id: its copies are keyed by the objects' ETags.
+    return member if pin is None or is_uri(member.model) else pin(member)
+
 
 def describe_member(member: MemberConfig, cfg: EnsembleConfig) -> MemberSpec:
     """Read what the task needs of a member's model (not its weights) and check its head.
@@ -63,19 +147,34 @@ def describe_member(member: MemberConfig, cfg: EnsembleConfig) -> MemberSpec:
     fit the task)."""
     import_member_modules(member)
     task = get_task(cfg.task)
-    head = member.backend_module.describe(member, task)
+    try:
+        local = local_member(member)  # a model on object storage: this node's copy
+    except (StorageError, OSError) as exc:
+        raise BackendError(f"model: cannot copy {member.model}: {exc}") from None
+    head = member.backend_module.describe(local, task)
     return task.member_spec(member, head, cfg)
 
 
 def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
-    """Read every member's model config and check it fits the task; raises ConfigError."""
+    """Pin every member (a hub id's revision becomes a commit hash), read its model
+    config and check it fits the task; raises ConfigError.
+
+    The plan's config holds the pinned members, so every actor built from the plan loads
+    the same commit (see :attr:`EnsemblePlan.revisions`)."""
     task = get_task(cfg.task)
     specs = []
+    members = []
     for i, member in enumerate(cfg.members):
         try:
+            import_member_modules(member)
+            member = pin_member(member)
             specs.append(describe_member(member, cfg))
         except (BackendError, HeadMismatch) as exc:
             raise ConfigError(f"members[{i}] ({member.name}): {exc}") from None
+        members.append(member)
+    if any(a is not b for a, b in zip(members, cfg.members, strict=True)):
+        # The plan carries the pinned members: actors load what was resolved here.
+        cfg = cfg.model_copy(update={"members": members})
     try:
         settings = task.check_plan(cfg, specs)
     except HeadMismatch as exc:

@@ -2,7 +2,11 @@
 per interval.
 
 The count lives in a small actor, because the hosts that add to it run in other
-processes (and on other nodes)."""
+processes (and on other nodes). The log must outlive any node but the driver's: the
+actor is pinned to the driver's node (which lives as long as the job), and restarts
+under the same handle if its own process dies (the hosts keep the handle they were
+given when the job started, so a new actor would never hear from them).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,55 +22,114 @@ __all__ = ["progress_log"]
 
 logger = logging.getLogger("pipelines.offline")
 
+# A read that takes longer means the counter is restarting: skip a line, not the log.
+READ_TIMEOUT_S = 5.0
+
 
 class _Progress:
     """Counts rows as hosts finish windows; the driver logs one line per interval.
 
-    Holds a number only: if it is lost, the log goes quiet and no row is harmed."""
+    Holds a number only: if it is lost, no row is harmed. A restarted counter starts from
+    0 under a new ``run`` token, so the driver adds what it had seen before."""
 
     def __init__(self) -> None:
+        self.run = uuid.uuid4().hex
         self.rows = 0
 
     def add(self, rows: int) -> None:
         self.rows += rows
 
-    def get(self) -> int:
-        return self.rows
+    def get(self) -> tuple[str, int]:
+        return self.run, self.rows
+
+
+class _Tally:
+    """The driver's running total across restarts of the counter."""
+
+    def __init__(self) -> None:
+        self.run: str | None = None
+        self.before = 0  # rows counted by earlier runs of the counter
+        self.last = 0  # the current run's count at the last read
+
+    def update(self, run: str, rows: int) -> int:
+        if self.run is not None and run != self.run:
+            # What the old counter took after the last read is lost: the count runs low.
+            self.before += self.last
+        self.run, self.last = run, rows
+        return self.before + rows
+
+    @property
+    def rows(self) -> int:
+        return self.before + self.last
+
+
+def _start_counter() -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Left to the scheduler, a 0-CPU actor lands on any node, and the log went quiet for
+    # the rest of the job when that node died. The driver's node dies only with the job.
+    # A counter that dies anyway restarts there; the adds sent meanwhile wait for it.
+    here = ray.get_runtime_context().get_node_id()
+    return (
+        ray.remote(_Progress)
+        .options(
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        )
+        .remote()
+    )
+
+
+def _line(total: int | None, done: int, rows: int, took: float) -> str:
+    rate = rows / took if took > 0 else 0.0
+    if rows == 0:
+        # Hosts report whole windows: "0 rows, 0 rows/s" would read as a hang.
+        return f"score: {took:.0f}s in, loading members and scoring the first windows"
+    if total:
+        # Windows a restarted host scores again count twice here; never show > 100%.
+        shown = min(done + rows, total)
+        eta = f", about {(total - shown) / rate:.0f}s left" if rate > 0 else ""
+        return (
+            f"score: {shown:,} of {total:,} rows ({100 * shown / total:.1f}%), "
+            f"{rate:.0f} rows/s{eta}"
+        )
+    return f"score: {done + rows:,} rows, {rate:.0f} rows/s"
 
 
 @contextlib.contextmanager
 def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[Any]:
+    """Log one progress line every ``interval_s`` seconds while the block runs; yields
+    the counter actor whose ``add.remote(rows)`` the hosts call (Ray must be running).
+
+    ``total``: the job's rows when known up front (Parquet), ``done``: rows committed by
+    an earlier run (``--resume``)."""
     import ray
 
-    counter = ray.remote(num_cpus=0)(_Progress).remote()
+    counter = _start_counter()
     stop = threading.Event()
     started = time.perf_counter()
+    tally = _Tally()
 
     def report() -> None:
         while not stop.wait(interval_s):
-            try:
-                rows = ray.get(counter.get.remote(), timeout=5)
-            except Exception:  # the counter is gone: keep scoring, stop reporting
-                return
             took = time.perf_counter() - started
-            rate = rows / took if took > 0 else 0.0
-            if rows == 0:
-                # Hosts report whole windows: "0 rows, 0 rows/s" would read as a hang.
-                logger.info("score: %.0fs in, loading members and scoring the first windows", took)
-            elif total:
-                # Windows a restarted host scores again count twice here; never show > 100%.
-                shown = min(done + rows, total)
-                eta = f", about {(total - shown) / rate:.0f}s left" if rate > 0 else ""
+            try:
+                run, rows = ray.get(counter.get.remote(), timeout=READ_TIMEOUT_S)
+            except Exception:  # restarting: say so, and keep scoring and reporting
+                if stop.is_set():
+                    return  # the job is over (and the counter killed): no line after its summary
                 logger.info(
-                    "score: %s of %s rows (%.1f%%), %.0f rows/s%s",
-                    f"{shown:,}",
-                    f"{total:,}",
-                    100 * shown / total,
-                    rate,
-                    eta,
+                    "score: %.0fs in, %s rows counted so far; the row counter is restarting",
+                    took,
+                    f"{done + tally.rows:,}",
                 )
-            else:
-                logger.info("score: %s rows, %.0f rows/s", f"{done + rows:,}", rate)
+                continue
+            if stop.is_set():
+                return
+            logger.info("%s", _line(total, done, tally.update(run, rows), took))
 
     thread = threading.Thread(target=report, name="score-progress", daemon=True)
     thread.start()

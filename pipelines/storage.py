@@ -24,8 +24,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,18 +39,18 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "StorageError", "is_uri", "s3_filesystem"]
+from pipelines.config import is_uri
+
+__all__ = ["Location", "StorageError", "is_uri", "local_member", "model_cache_dir", "s3_filesystem"]
+
+
+logger = logging.getLogger(__name__)
+
+MODEL_CACHE_ENV = "RAY_ENSEMBLE_MODEL_CACHE"
 
 
 class StorageError(ValueError):
     """A path or URI that cannot be used as given: a usage error."""
-
-
-def is_uri(text: str | os.PathLike[str]) -> bool:
-    """``scheme://...``, not a local path (a Windows drive letter is not a scheme)."""
-    text = str(text)
-    scheme, sep, _ = text.partition("://")
-    return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").isalnum()
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -260,3 +264,87 @@ def fsync_dir(folder: Path) -> None:
         pass  # some filesystems refuse fsync on a folder; the data itself is synced
     finally:
         os.close(fd)
+
+
+# --- models on object storage ------------------------------------------------------------
+
+
+def model_cache_dir() -> Path:
+    """Where a node keeps its copies of models from object storage."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "ray-ensemble" / "models"
+
+
+def _object_tag(where: Location, info: pafs.FileInfo) -> str:
+    """What changes when the object does: its ETag where the store gives one (S3 does,
+    on a HEAD), else its modification time."""
+    try:
+        with where.fs.open_input_file(info.path) as f:
+            meta = f.metadata() or {}
+    except (OSError, pa.ArrowException):
+        meta = {}
+    etag = meta.get(b"ETag") or meta.get("ETag") or meta.get(b"etag") or meta.get("etag")
+    if etag:
+        return etag.decode() if isinstance(etag, bytes) else str(etag)
+    return str(info.mtime_ns)
+
+
+def local_copy(uri: str, cache: Path | None = None) -> Path:
+    """A local folder holding the model folder (or file) at ``uri``, copied once per node.
+
+    The copy is keyed by the path, size and ETag of every object, so a changed model is
+    copied again. It is made in a temporary folder and renamed into place when complete:
+    a copy cut short is never used, and two processes copying at once both end with a
+    whole one."""
+    where = Location.of(uri)
+    info = where.info()
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri} does not exist (or the credentials cannot see it)")
+    entries = (
+        [info]
+        if info.type == pafs.FileType.File
+        else [e for e in where.list(recursive=True) if e.type == pafs.FileType.File]
+    )
+    if not entries:
+        raise StorageError(f"{uri} is an empty folder")
+    base = where.parent if info.type == pafs.FileType.File else where
+    listing = sorted(
+        (base.relative(e.path), int(e.size or 0), _object_tag(where, e)) for e in entries
+    )
+    key = hashlib.sha256(json.dumps([where.uri, listing]).encode()).hexdigest()[:24]
+    root = cache or model_cache_dir()
+    target = root / f"{where.name or 'model'}-{key}"
+    if target.is_dir():
+        return target / where.name if info.type == pafs.FileType.File else target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    logger.info("copying %s (%d files) to the node's model cache %s", uri, len(entries), target)
+    try:
+        for rel, _, _ in listing:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with where.fs.open_input_stream(base.join(rel).path) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a copy that won the race: a real failure
+                raise
+        fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / where.name if info.type == pafs.FileType.File else target
+
+
+def local_member(member):
+    """``member`` with its ``model`` / ``tokenizer`` URIs replaced by local copies on
+    this node (the same member when both are local already)."""
+    update = {}
+    for key in ("model", "tokenizer"):
+        value = getattr(member, key, None)
+        if value and is_uri(value):
+            update[key] = str(local_copy(value))
+    return member.model_copy(update=update) if update else member

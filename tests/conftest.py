@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,81 @@ def models(tmp_path_factory) -> dict[str, Path]:
         # an encoder for the embedding task
         "encoder": build_classifier(root / "encoder", id2label={}, seed=6, task="embedding"),
     }
+
+
+# --- shared by the fault, storage and cluster tests -----------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULT_ROWS = 12_000  # long enough to kill something in the middle of a job
+S3_BUCKET = "scoring"
+S3_MEMBERS = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory) -> Path:
+    """The README's example (three tiny members) and a JSONL input long enough to kill
+    something in the middle of it."""
+    from jobs.example import make_texts, write_example
+
+    work = tmp_path_factory.mktemp("faults")
+    write_example(work / "examples")
+    shutil.copytree(ROOT / "configs", work / "configs")
+    texts = make_texts(FAULT_ROWS, seed=21, max_words=40)
+    with open(work / "in.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"r{i}", "text": text}) + "\n")
+    return work
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free loopback port; the environment a user would set."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_ENSEMBLE_MODEL_CACHE": str(tmp_path_factory.mktemp("model-cache")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"],
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir(S3_BUCKET)
+    try:
+        yield fs, env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def s3_upload(fs, local: Path, key: str) -> None:
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(local), f"{S3_BUCKET}/{key}", destination_filesystem=fs)
+
+
+@pytest.fixture(scope="session")
+def on_s3(s3, example):
+    """The example's models and its long input, uploaded once."""
+    fs, _ = s3
+    for name in S3_MEMBERS:
+        s3_upload(fs, example / "examples" / "models" / name, f"models/{name}")
+    s3_upload(fs, example / "in.jsonl", "in/in.jsonl")
+    return example

@@ -18,27 +18,13 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-import pytest
 
-from jobs.example import make_texts, write_example
+from jobs.example import make_texts
+from tests.conftest import FAULT_ROWS as ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = 12_000
+
 ROWS_PER_FILE = 500
-
-
-@pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Path:
-    """The README's example (three tiny members) and a JSONL input long enough to kill
-    something in the middle of it."""
-    work = tmp_path_factory.mktemp("faults")
-    write_example(work / "examples")
-    shutil.copytree(ROOT / "configs", work / "configs")
-    texts = make_texts(ROWS, seed=21, max_words=40)
-    with open(work / "in.jsonl", "w") as f:
-        for i, text in enumerate(texts):
-            f.write(json.dumps({"id": f"r{i}", "text": text}) + "\n")
-    return work
 
 
 def score_cmd(work: Path, out: Path, *flags: str) -> list[str]:

@@ -240,3 +240,88 @@ def test_fit_auto_picks_the_best_cross_validated_combination(models, tmp_path):
     # Diverse members beat the best one: no warning.
     assert result.no_gain_warning() is None
     assert result.candidates and min(c.cv_nll for c in result.candidates) < result.best_member()[1]
+
+
+def test_fitted_config_paths_work_from_any_folder(models, tmp_path, monkeypatch):
+    """Every relative path the user wrote is rewritten relative to the fitted config's
+    folder: it loads from another working directory, and from a copy of the project made
+    elsewhere, with its tokenizer path at the real tokenizer folder."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from jobs.example import build_tokenizer
+    from pipelines.config import load_config
+    from pipelines.fitting import FitResult, write_fitted_config
+
+    project = tmp_path / "project"
+    for name in ("alpha", "full", "base"):
+        shutil.copytree(models["alpha"], project / "models" / name)
+    tokenizer = project / "tokenizers" / "upper"
+    build_tokenizer(tokenizer, lowercase=False)  # not the model folder's own tokenizer
+    config = project / "configs" / "ensemble.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "paths",
+                "labels": ["negative", "positive"],
+                "members": [
+                    {
+                        "name": "alpha",
+                        "model": "../models/alpha",
+                        "tokenizer": "../tokenizers/upper",
+                    },
+                    {"name": "beta", "model": str(models["beta"])},  # absolute: kept as is
+                    {
+                        "name": "full",
+                        "model": "../models/full",
+                        "train": {"base_model": "../models/base"},
+                    },
+                ],
+            }
+        )
+    )
+    cfg = load_config(config)
+    labels, names = ("negative", "positive"), ("alpha", "beta", "full")
+    result = FitResult(
+        combine="stacking",
+        temperatures=[1.5, 1.0, 0.5],
+        weights=[0.2, 0.3, 0.5],
+        stacking=StackingModel(labels, names, np.ones((2, 6)), np.zeros(2)),
+        rows=10,
+        member_nll={n: (0.7, 0.6) for n in names},
+        ensemble_nll=(0.7, 0.5),
+    )
+    fitted = project / "fitted" / "deep" / "ensemble.fitted.yaml"
+    write_fitted_config(config, fitted, cfg, result, revisions={"beta": "c" * 40})
+
+    raw = yaml.safe_load(fitted.read_text())
+    alpha, beta, full = raw["members"]
+    assert alpha["model"] == "../../models/alpha"
+    assert alpha["tokenizer"] == "../../tokenizers/upper"
+    assert full["model"] == "../../models/full"
+    assert full["train"]["base_model"] == "../../models/base"
+    assert beta["model"] == str(models["beta"])
+    assert beta["revision"] == "c" * 40 and "revision" not in alpha
+    assert raw["reducer"]["stacking"] == "ensemble.fitted.stacking.json"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for root in (project, tmp_path / "moved" / "project"):
+        if not root.exists():  # the project (models, configs, fitted) copied elsewhere
+            shutil.copytree(project, root)
+        loaded = load_config(root / "fitted" / "deep" / "ensemble.fitted.yaml")
+        a, b, f = loaded.members
+        assert Path(a.model) == (root / "models" / "alpha").resolve()
+        assert Path(a.tokenizer) == (root / "tokenizers" / "upper").resolve()
+        assert Path(f.train.base_model) == (root / "models" / "base").resolve()
+        assert b.model == str(models["beta"])
+        assert Path(loaded.reducer.stacking).parent == (root / "fitted" / "deep").resolve()
+        # The tokenizer path is the real tokenizer: cased, unlike the model folder's own.
+        ids = AutoTokenizer.from_pretrained(a.tokenizer)("Fine")["input_ids"]
+        assert ids == AutoTokenizer.from_pretrained(str(tokenizer))("Fine")["input_ids"]
+        assert ids != AutoTokenizer.from_pretrained(a.model)("Fine")["input_ids"]

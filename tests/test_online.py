@@ -178,10 +178,19 @@ def test_a_text_no_tokenizer_takes_fails_only_its_own_request(served):
 
 
 def test_ensemble_description_and_docs(served):
-    info = requests.get(served["url"] + "/v1/ensemble", timeout=30).json()
+    answer = requests.get(served["url"] + "/v1/ensemble", timeout=30)
+    info = answer.json()
     assert info["labels"] == LABELS and info["combine"] == "weighted_mean"
     assert [m["name"] for m in info["members"]] == ["alpha", "beta", "gamma"]
     assert info["members"][1]["temperature"] == 1.5
+    # Models by name: the local folders' own names, and no path on the server.
+    members = served["plan"].config.members
+    assert [m["model"] for m in info["members"]] == [Path(m.model).name for m in members]
+    assert [m["revision"] for m in info["members"]] == [None, None, None]  # not hub ids
+    for m in members:
+        assert Path(m.model).is_absolute()
+        assert str(Path(m.model).parent) not in answer.text
+    assert not any(m["model"].startswith("/") for m in info["members"])
     assert requests.get(served["url"] + "/docs", timeout=30).status_code == 200
     spec = requests.get(served["url"] + "/openapi.json", timeout=30).json()
     assert "/v1/predict" in spec["paths"] and "/healthz" in spec["paths"]

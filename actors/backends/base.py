@@ -8,7 +8,9 @@ A backend is a module registered in :mod:`actors.backends` that defines:
 - ``describe(member, task) -> HeadInfo``: what the plan needs of the model, read without
   loading its weights; raises :class:`BackendError` for a model it cannot use;
 - ``load(member, task, device, threads) -> MemberBackend``: the model, ready to run;
-- ``weight_bytes(member, on_gpu) -> int | None``: its weights in the dtype it runs with.
+- ``weight_bytes(member, on_gpu) -> int | None``: its weights in the dtype it runs with;
+- optionally ``pin(member) -> member``: the member with what it loads fixed, called once
+  on the driver at plan time (the hf backend resolves a hub revision to a commit hash).
 
 Example (a backend whose "model" is a lookup table, as in tests/test_backend_plugin.py)::
 
@@ -185,12 +187,16 @@ def check_tokenizer_files(member: Any, folder: Path) -> None:
         )
 
 
-def load_tokenizer(member: Any, default_dir: Path | str) -> Any:
+def load_tokenizer(member: Any, default_dir: Path | str, revision: str | None = None) -> Any:
+    """``revision``: the hub commit to read a hub id's tokenizer from (None: its default)."""
     from transformers import AutoTokenizer
 
     source = member.tokenizer or str(default_dir)
+    pinned = {"revision": revision} if revision else {}
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=member.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            source, trust_remote_code=member.trust_remote_code, **pinned
+        )
     except Exception as exc:  # transformers raises many kinds for a folder without a tokenizer
         raise BackendError(
             f"tokenizer: cannot load a tokenizer from '{source}' ({type(exc).__name__}); set "

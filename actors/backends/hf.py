@@ -4,6 +4,11 @@ The task chooses the head (``task.hf_model_class``) and the step after the forwa
 (``task.from_model_output``). Weights load safetensors first; a model runs its own code
 only with ``trust_remote_code: true``.
 
+A hub id is pinned at plan time (:func:`pin`): its ``revision`` (a branch, a tag, or
+``main`` when unset) is resolved once, on the driver, to a commit hash, and every load
+after that (model, config and the model's own tokenizer, in every actor, including
+actors Ray restarts mid-job) reads that commit, even if the branch moves meanwhile.
+
 A decoder-only classifier (Llama, Qwen2, GPT-2, ...) reads its logits at the last token
 that is not padding, so it needs a pad token id in its config: when the config has none,
 the tokenizer's pad token, or else its EOS token, is used for padding and set on the
@@ -13,6 +18,7 @@ config; a model with neither is refused at plan time.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +36,14 @@ from actors.backends.base import (
 )
 from actors.tasks.base import HeadInfo
 
-__all__ = ["HFBackend", "Options", "describe", "load", "weight_bytes"]
+__all__ = ["HFBackend", "Options", "describe", "load", "pin", "resolve_revision", "weight_bytes"]
 
 local_files = False  # a hub id works too
 trainable = True
 
 
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
 class Options(BackendOptions):
@@ -44,6 +51,13 @@ class Options(BackendOptions):
         False,
         description="Load .bin / .pt weights (Python pickles, which can run code) from a "
         "model folder without safetensors. Only for files you trust.",
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description="For a hub id: the branch, tag or commit hash to load (default: main). "
+        "Resolved once, when the job is planned, to a commit hash that every actor loads, "
+        "so a branch that moves mid-job changes nothing. Not for a local model folder.",
     )
 
 
@@ -62,11 +76,79 @@ def _check_weights(member: Any) -> None:
         )
 
 
+def _is_local(member: Any) -> bool:
+    return Path(member.model).is_dir()
+
+
+def resolve_revision(repo_id: str, revision: str | None) -> str:
+    """The commit hash that ``revision`` (default ``main``) of hub model ``repo_id`` names.
+
+    A commit hash is taken as it is. Anything else is looked up through the file every
+    model has, config.json: online the hub says which commit the ref points at; offline
+    (HF_HUB_OFFLINE=1) the local cache's ``refs/<revision>`` does. Either way the file
+    comes back under ``snapshots/<commit>/``, which names the commit."""
+    ref = revision or "main"
+    if COMMIT_HASH.fullmatch(ref):
+        return ref
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id, "config.json", revision=ref))
+    except Exception as exc:  # offline misses, 404s, network errors: all say the same to us
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackendError(
+            f"revision: cannot resolve {ref!r} of hub id '{repo_id}' to a commit "
+            f"({type(exc).__name__}: {first}); check the id, the revision and your network, "
+            "or download the model and point `model` at the local directory"
+        ) from None
+    commit = path.parent.name
+    if path.parent.parent.name != "snapshots" or not COMMIT_HASH.fullmatch(commit):
+        raise BackendError(
+            f"revision: the hub client put '{repo_id}' at {path}, not in a snapshots/<commit> "
+            "folder of its cache, so its commit is unknown; set `revision:` to the commit hash"
+        )
+    return commit
+
+
+def pin(member: Any) -> Any:
+    """The member with its hub revision resolved to a commit hash (a local folder as it is).
+
+    Called once, on the driver, by the plan: the plan carries the pinned member to every
+    actor, so none resolves the ref again."""
+    if _is_local(member):
+        if member.options.revision is not None:
+            raise BackendError(
+                f"revision: {member.options.revision!r} is only for a hub id, and model "
+                f"'{member.model}' is a local folder, which has no revisions; remove "
+                "`revision:`, or set `model:` to the hub id"
+            )
+        return member
+    commit = resolve_revision(member.model, member.options.revision)
+    if commit == member.options.revision:
+        return member
+    return member.with_options(revision=commit)
+
+
+def _pinned(member: Any) -> dict[str, str]:
+    """``from_pretrained``'s revision argument for the member's model: none for a folder."""
+    return {"revision": member.options.revision} if member.options.revision else {}
+
+
+def _tokenizer_revision(member: Any) -> str | None:
+    """The pinned commit applies to the tokenizer when it is the model's own; a
+    ``tokenizer:`` of another hub repository loads as that repository names it."""
+    return member.options.revision if member.tokenizer in (None, member.model) else None
+
+
 def read_config(member: Any) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(member.model, trust_remote_code=member.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            member.model,
+            trust_remote_code=member.trust_remote_code,
+            **_pinned(member),
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
         where = "directory" if Path(member.model).is_dir() else "hub id"
         hint = (
@@ -105,7 +187,7 @@ def _decoder_only(config: Any) -> bool:
 
 
 def _tokenizer(member: Any) -> Any:
-    return load_tokenizer(member, member.model)
+    return load_tokenizer(member, member.model, revision=_tokenizer_revision(member))
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int | None:
@@ -169,6 +251,7 @@ class HFBackend(TokenizedBackend):
             trust_remote_code=member.trust_remote_code,
             dtype=resolve_dtype(member.dtype, device),
             use_safetensors=True if has_safetensors else None,
+            **_pinned(member),
         )
         pad = pad_token_id(self.model.config, tokenizer)
         text = self.model.config.get_text_config()

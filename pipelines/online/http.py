@@ -319,15 +319,13 @@ class HttpApi:
 
     @app.get("/v1/ensemble")
     async def ensemble(self) -> dict:
-        """What this endpoint runs."""
+        """What this endpoint runs: models by name (a hub id with its commit), never the
+        paths they were loaded from, which tell clients how the server is laid out."""
         return {
             "name": self.cfg.name,
             "task": self.cfg.task,
             "labels": self.cfg.labels,
-            "members": [
-                {"name": m.name, "model": m.model, "weight": m.weight, "temperature": m.temperature}
-                for m in self.cfg.members
-            ],
+            "members": self.plan.member_summaries(),
             "combine": self.cfg.reducer.combine,
         }
 
