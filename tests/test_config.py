@@ -153,7 +153,7 @@ def test_input_errors_exit_2(tmp_path, models, data, capsys):
     assert code == 2 and "does not exist" in err
     (tmp_path / "x.txt").write_text("hello")
     code, err = run_score(capsys, config, tmp_path / "x.txt", tmp_path / "o2")
-    assert code == 2 and "cannot tell the format" in err
+    assert code == 2 and "x.txt (its suffix)" in err and ".jsonl" in err
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"body": "good"}) + "\n")
     code, err = run_score(capsys, config, wrong, tmp_path / "o3")
