@@ -302,7 +302,7 @@ def check_replaceable(out: str | Path | Location, flag: str = "--overwrite") -> 
     """InputError unless ``out`` is missing, empty or an output of ours: what
     ``--overwrite`` may replace. Nothing else is ever deleted."""
     out = Location.of(out)
-    foreign = sorted(PurePath(e.path).name for e in out.list() if not _ours(e))
+    foreign = sorted(PurePath(e.path).name for e in out.list() if not _ours(e, out.local))
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         raise InputError(
@@ -318,13 +318,12 @@ def _our_part(entry: pafs.FileInfo) -> bool:
     )
 
 
-def _ours(entry: pafs.FileInfo) -> bool:
-    """An entry an output of ours holds: the marker, a part file or the staging folder."""
+def _ours(entry: pafs.FileInfo, local: bool) -> bool:
+    """An entry an output of ours holds: the marker, a part file or the staging folder
+    (locally, never a link to a folder elsewhere)."""
     name = PurePath(entry.path).name
     if name == STAGING:
-        return entry.type == pafs.FileType.Directory and not (
-            os.path.islink(entry.path) if entry.type != pafs.FileType.NotFound else False
-        )
+        return entry.type == pafs.FileType.Directory and not (local and os.path.islink(entry.path))
     return entry.type == pafs.FileType.File and (name == SUCCESS or _our_part(entry))
 
 
