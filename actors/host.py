@@ -21,7 +21,9 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -38,6 +40,7 @@ from pipelines.storage import local_member
 
 __all__ = [
     "CPU_BATCH_TOKENS",
+    "GPU_BATCH_TOKENS",
     "LABELS_METADATA_KEY",
     "EnsembleHost",
     "MemberHost",
@@ -49,12 +52,23 @@ __all__ = [
     "reduce_batch",
 ]
 
+logger = logging.getLogger(__name__)
+
 LABELS_METADATA_KEY = b"ray_ensemble.labels"
 
 # On CPU, a forward pass costs about rows x longest row, and big passes fall out of cache:
 # one MiniLM ran 107-123 rows/s with passes of at most 1,024-2,048 padded tokens against
 # 93-97 with 64-row passes (bench/microbatch_probe.py). GPUs want big batches.
 CPU_BATCH_TOKENS = 2048
+# On a GPU, big passes keep it busy; a cap still bounds activation memory when a user
+# raises batch_size (BERT-base at 32k padded tokens needs well under 2 GiB). A pass that
+# runs out of memory anyway is halved and retried (MemberHost.run_encoded).
+GPU_BATCH_TOKENS = 32768
+# Python hands the GIL over every 5 ms by default. A thread that returns from a forward
+# pass (the device idle meanwhile) waited up to that long while another thread tokenised
+# the next window: at 50 us of device time per row, 0.5 ms doubled the rows/s of the
+# stand-in device (docs/benchmarks.md, issue 22).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def make_backend(member: Any, task: Task, device: str, threads: int | None = None) -> MemberBackend:
@@ -62,6 +76,19 @@ def make_backend(member: Any, task: Task, device: str, threads: int | None = Non
     import_member_modules(member)
     # A model on object storage is loaded from this node's copy (made once per node).
     return member.backend_module.load(local_member(member), task, device, threads)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def member_output_column(name: str) -> str:
@@ -143,10 +170,14 @@ class MemberHost:
         self.plan = plan
         self.task = plan.task
         device = pick_device(member.num_gpus)
+        self.device = device
         self.backend = backend or make_backend(member, self.task, device, threads)
         self.max_batch_tokens = member.max_batch_tokens or (
-            CPU_BATCH_TOKENS if device == "cpu" else None
+            CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
         )
+        # Outputs stay on the device until the window's last pass: one copy back per
+        # window, not a blocking one per micro-batch.
+        self.on_device = device != "cpu" and hasattr(self.backend, "forward_on_device")
         parallel = device == "cpu" and getattr(self.backend, "forward_in_threads", False)
         self.pool = pool if parallel else None
         # Counters for padding efficiency: real tokens / padded tokens.
@@ -164,13 +195,24 @@ class MemberHost:
         return self.backend.encode(texts, pairs)
 
     def infer(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
-        """The member's outputs for a list of valid texts, in their order, float32."""
-        if not texts:
-            return self.run_encoded({"input_ids": []})
-        return self.run_encoded(self.encode(texts, pairs))
+        """The member's outputs for a list of valid texts, in their order, float32.
+        Raises :class:`UnscorableText` for a text too long for the device."""
+        encoded = self.encode(texts, pairs) if texts else {"input_ids": []}
+        failed: dict[int, str] = {}
+        values = self.run_encoded(encoded, failed)
+        if failed:
+            row, reason = min(failed.items())
+            raise UnscorableText(f"text {row}: {reason}")
+        return values
 
-    def run_encoded(self, encoded: dict[str, list[list[int]]]) -> np.ndarray:
-        """Sort by length, micro-batch, forward, and the task's step, on rows already tokenised."""
+    def run_encoded(
+        self, encoded: dict[str, list[list[int]]], failed: dict[int, str] | None = None
+    ) -> np.ndarray:
+        """Sort by length, micro-batch, forward, and the task's step, on rows already tokenised.
+
+        A pass that runs out of device memory is halved and retried, down to one row; a
+        row that still does not fit gets NaN outputs and its reason in ``failed`` (row
+        index -> message; without ``failed``, the error is raised)."""
         cfg = self.plan.config
         n = len(encoded["input_ids"])
         if n == 0:
@@ -179,17 +221,76 @@ class MemberHost:
         batches = micro_batches(lengths, self.member.batch_size, self.max_batch_tokens)
         self.real_tokens += int(lengths.sum())
         self.padded_tokens += sum(len(rows) * int(lengths[rows].max()) for rows in batches)
+        pad_id = self.backend.pad_token_id
 
-        def forward(rows: np.ndarray) -> np.ndarray:
-            return self.backend.forward(pad_batch(encoded, rows, self.backend.pad_token_id))
+        if self.on_device:
+            forward = self.backend.forward_on_device  # type: ignore[attr-defined]
+        else:
+            forward = self.backend.forward
+
+        def run(rows: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+            return self._run_fitting(
+                encoded, rows, lambda r: forward(pad_batch(encoded, r, pad_id)), failed, lengths
+            )
 
         if self.pool is None or len(batches) == 1:
-            chunks = [forward(rows) for rows in batches]
+            pieces = [piece for rows in batches for piece in run(rows)]
         else:
-            chunks = list(self.pool.map(forward, batches))
-        raw = np.empty((n, chunks[0].shape[1]), dtype=np.float32)
-        raw[np.concatenate(batches)] = np.concatenate(chunks)
+            pieces = [piece for done in self.pool.map(run, batches) for piece in done]
+        width = None
+        raw = None
+        if pieces:
+            order = np.concatenate([rows for rows, _ in pieces])
+            if self.on_device:
+                values = self.backend.to_host([out for _, out in pieces])  # type: ignore[attr-defined]
+            else:
+                values = np.concatenate([out for _, out in pieces])
+            width = values.shape[1]
+            raw = np.full((n, width), np.nan, dtype=np.float32)
+            raw[order] = values
+        if raw is None:  # every row failed: the width comes from a pass over nothing
+            raw = np.full((n, self.task.output_width(self.spec, cfg)), np.nan, dtype=np.float32)
+            return raw
         return self.task.member_output(raw, self.spec, cfg)
+
+    def _run_fitting(
+        self,
+        encoded: dict[str, list[list[int]]],
+        rows: np.ndarray,
+        forward: Callable[[np.ndarray], Any],
+        failed: dict[int, str] | None,
+        lengths: np.ndarray,
+    ) -> list[tuple[np.ndarray, Any]]:
+        """``forward(rows)``, halving the rows on a device out-of-memory error."""
+        try:
+            return [(rows, forward(rows))]
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+        _free_device_cache()
+        if len(rows) == 1:
+            reason = f"too long for this GPU: {int(lengths[rows[0]])} tokens"
+            if failed is None:
+                raise UnscorableText(reason)
+            failed[int(rows[0])] = reason
+            return []
+        tokens = len(rows) * int(lengths[rows].max())
+        if tokens // 2 < self.max_batch_tokens:
+            # Later windows start below the size that failed, instead of failing again.
+            self.max_batch_tokens = max(1, tokens // 2)
+            logger.warning(
+                "member %s: a pass of %d rows (%d padded tokens) ran out of device memory; "
+                "halving it, and capping passes at %d tokens from now on (set "
+                "max_batch_tokens to choose the cap)",
+                self.member.name,
+                len(rows),
+                tokens,
+                self.max_batch_tokens,
+            )
+        half = len(rows) // 2
+        return self._run_fitting(
+            encoded, rows[:half], forward, failed, lengths
+        ) + self._run_fitting(encoded, rows[half:], forward, failed, lengths)
 
     @property
     def padding_efficiency(self) -> float:
@@ -235,6 +336,9 @@ class EnsembleHost:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # Windows may run side by side (one tokenising, one on the device): see
+        # SWITCH_INTERVAL_S. Never raised above what the process set already.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         if threads:
             torch.set_num_threads(threads)
         cfg = plan.config
@@ -270,6 +374,8 @@ class EnsembleHost:
             # Each micro-batch on one core: set after the members, which set ``threads``.
             # A host whose members all run their own way keeps its torch threads.
             torch.set_num_threads(1)
+        # A GPU's work is queued and runs beside the host's: callers may overlap windows.
+        self.on_accelerator = any(m.device != "cpu" for m in self.members)
         # Members that tokenise alike share one tokenizer call per window.
         self.groups: dict[object, list[int]] = {}
         for i, member in enumerate(self.members):
@@ -282,9 +388,20 @@ class EnsembleHost:
             texts = texts.cast(pa.string())
         return pc.utf8_slice_codeunits(texts, 0, self.max_chars)
 
-    def infer(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Each member's outputs for valid, already cut texts, in member order."""
+    def infer(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        failed: dict[int, str] | None = None,
+    ) -> list[np.ndarray]:
+        """Each member's outputs for valid, already cut texts, in member order.
+
+        A text too long for a member's device: with ``failed``, its index and reason go
+        there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
+        Safe to call from several threads at once (one window tokenising while another
+        is on the device)."""
         outputs: list[np.ndarray] = [np.empty(0)] * len(self.members)
+        lost: dict[int, str] = {} if failed is None else failed
         for indices in self.groups.values():
             try:
                 encoded = (
@@ -294,23 +411,40 @@ class EnsembleHost:
                 raise UnscorableText(f"{type(exc).__name__}: {exc}") from exc
             for i in indices:
                 started = time.perf_counter()
-                outputs[i] = self.members[i].run_encoded(encoded)
+                outputs[i] = self.members[i].run_encoded(encoded, lost)
                 if self.observe is not None:
                     self.observe(self.members[i].member.name, time.perf_counter() - started)
+        if failed is None and lost:
+            row, reason = min(lost.items())
+            raise UnscorableText(f"text {row}: {reason}")
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-        rows = pa.array(np.flatnonzero(valid))
-        texts = self.cut(batch.column(self.text_column).take(rows)).to_pylist()
+        rows = np.flatnonzero(valid)
+        taken = pa.array(rows)
+        texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
         pairs = None
         if self.pair_column:
-            pairs = self.cut(batch.column(self.pair_column).take(rows)).to_pylist()
-        for member, values in zip(self.members, self.infer(texts, pairs), strict=True):
+            pairs = self.cut(batch.column(self.pair_column).take(taken)).to_pylist()
+        failed: dict[int, str] = {}
+        outputs = self.infer(texts, pairs, failed)
+        if failed:
+            # A row no device pass could hold is an error row, like bad input.
+            errors = batch.column("error").to_pylist()
+            for i, reason in failed.items():
+                errors[int(rows[i])] = reason
+            index = batch.schema.get_field_index("error")
+            batch = batch.set_column(
+                index, "error", pa.array(errors, batch.schema.field("error").type)
+            )
+            valid[rows[list(failed)]] = False
+        for member, values in zip(self.members, outputs, strict=True):
             width = values.shape[1]
             full = np.full((n, width), np.nan, dtype=np.float32)
-            full[valid] = values
+            full[rows] = values
+            full[~valid] = np.nan
             column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
             batch = batch.append_column(member_output_column(member.member.name), column)
         if self.reduce:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from actors.backends.base import native_bfloat16
 from pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -313,17 +314,6 @@ def find_frozen_encoder(downloads: Path) -> Path:
             )
         os.replace(unpacked, target)
     return target
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where the
-    frozen encoder runs about twice as fast in bfloat16 with the same accuracy
-    (docs/benchmarks.md); elsewhere bfloat16 is emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def read_off_domain(sdist: Path) -> list[dict]:

@@ -186,7 +186,12 @@ class MemberConfig(_Strict):
         description="Most padded tokens (rows x longest row) per forward pass; a row longer "
         "than it still runs alone. Default: 2048 on CPU, no cap on GPU.",
     )
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica: 1 whole, 0.25 a share, 0 CPU.")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs per replica: 0.25 a share of one, 1 a whole one, 2 or more (whole "
+        "numbers) spreads the model over that many GPUs; 0: CPU.",
+    )
     num_cpus: float | None = Field(
         None,
         gt=0,
@@ -202,7 +207,10 @@ class MemberConfig(_Strict):
         "with the other members on its device (a member with whole GPUs always has its own).",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = bfloat16/float16 on a GPU that supports it, float32 on CPU."
+        "auto",
+        description="auto = bfloat16 on a GPU that has it natively (compute capability 8.0+), "
+        "float16 on older GPUs; on CPU float32, or bfloat16 where the CPU multiplies it in "
+        "hardware (AVX512-BF16, AMX).",
     )
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own code. Only for models you trust."
@@ -234,6 +242,17 @@ class MemberConfig(_Strict):
     @classmethod
     def _module_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_gpus_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"{value:g} GPUs: above 1, num_gpus must be a whole number (the model is "
+                f"spread over that many GPUs); use {int(value)} or {int(value) + 1}, or a "
+                "share of one GPU (at most 1)"
+            )
+        return value
 
     @field_validator("backend")
     @classmethod

@@ -62,6 +62,12 @@ logger = logging.getLogger(__name__)
 # Rows per host call: enough micro-batches that sorting them by length leaves little
 # padding, few enough that every replica has work on a small job.
 WINDOW_BATCHES = 32
+# Windows a host runs at once, on threads of its actor: the next one is read, tokenised
+# and padded while the current one is on the device, which then never waits for the
+# host. With one at a time, a stand-in device of 50 us per row was busy 28% of the time;
+# with two, 64-74% (docs/benchmarks.md, issue 22). The tokenizers, the members and the
+# host are safe to call from two threads.
+WINDOWS_IN_FLIGHT = 2
 ROWS_PER_FILE = 20_000
 PROGRESS_INTERVAL_S = 10.0
 
@@ -137,10 +143,17 @@ def build_dataset(
     )
     alone = len(hosts) == 1
     for i, host in enumerate(hosts):
+        # Two windows per host at once: one tokenising while the other is on the device.
+        side_by_side = {
+            "max_concurrent_calls_per_actor": WINDOWS_IN_FLIGHT,
+            "enable_true_multi_threading": WINDOWS_IN_FLIGHT > 1,
+        }
         pool = (
-            ActorPoolStrategy(size=host.min_replicas)
+            ActorPoolStrategy(size=host.min_replicas, **side_by_side)
             if host.min_replicas == host.max_replicas
-            else ActorPoolStrategy(min_size=host.min_replicas, max_size=host.max_replicas)
+            else ActorPoolStrategy(
+                min_size=host.min_replicas, max_size=host.max_replicas, **side_by_side
+            )
         )
         ds = ds.map_batches(
             EnsembleHost,

@@ -4,13 +4,16 @@ A member's GPU memory need is estimated from its weight files (not loaded): the 
 in the dtype it runs with, plus a share for activations and the CUDA context. Each
 replica gets ``num_gpus`` of one GPU, so a member fits when its need is at most
 ``num_gpus`` times the memory of the largest GPU in the cluster; several small members
-share a GPU through fractions (``num_gpus: 0.25``).
+share a GPU through fractions (``num_gpus: 0.25``), and a member with ``num_gpus`` of 2 or
+more is spread over that many whole GPUs.
 
 GPU sizes come from the driver's own GPUs when it has them, else from the nodes'
 ``accelerator_type`` resource (set by Ray on GPU nodes) and the table below.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -102,13 +105,16 @@ def check_gpu_fit(cfg: EnsembleConfig, gpu_sizes_gib: list[float]) -> list[GpuNe
     largest = max(gpu_sizes_gib)
     problems = []
     for need in needs:
-        share = min(need.num_gpus, 1.0) * largest
+        # num_gpus of 2 or more spreads the model over that many GPUs (device_map="auto").
+        share = need.num_gpus * largest
         if need.bytes / GIB > share:
             fits = need.bytes / GIB / largest
             fix = (
                 f"raise num_gpus to at least {fits:.2f}"
                 if fits <= 1
-                else "use a smaller model, or a dtype of float16 / bfloat16 if it is float32"
+                else f"raise num_gpus to {math.ceil(fits)} (whole GPUs: the model is spread "
+                "over them), or use a smaller model, or a dtype of float16 / bfloat16 if it "
+                "is float32"
             )
             problems.append(
                 f"  {need.member}: needs about {need.bytes / GIB:.1f} GiB "

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Members compare against float32 references: keep `dtype: auto` at float32 on CPUs
+# that multiply bfloat16 natively (test_member checks the rule itself). Set before Ray
+# starts, so actors and CLI subprocesses inherit it.
+os.environ.setdefault("RAY_ENSEMBLE_CPU_BFLOAT16", "0")
 
 
 def _start_ray():

@@ -49,9 +49,12 @@ __all__ = [
     "MemberBackend",
     "TokenEncoder",
     "TokenizedBackend",
+    "TorchDevice",
     "check_tokenizer_files",
+    "compile_model",
     "import_member_modules",
     "load_tokenizer",
+    "native_bfloat16",
     "pick_device",
     "pool",
     "resolve_dtype",
@@ -90,11 +93,22 @@ class MemberBackend(Protocol):
 
 
 class TokenEncoder:
-    """Tokenises rows for a model that takes some of ``TOKEN_INPUTS``."""
+    """Tokenises rows for a model that takes some of ``TOKEN_INPUTS``.
+
+    A fast tokenizer is called through its Rust core with truncation set once: the
+    transformers wrapper re-applies its settings on every call, which costs about a
+    third of the time on short rows and makes concurrent calls fail ("Already
+    borrowed"). The core is used only where it gives exactly the wrapper's ids on a
+    probe (single texts and pairs); otherwise, and for slow tokenizers, the wrapper is
+    called under a lock. Either way ``encode`` may be called from several threads."""
+
+    PROBE = ("Probe text, with punctuation & ÜNICODE: naïve café 123.", "And a pair, too!")
 
     def __init__(
         self, tokenizer: Any, max_length: int, keys: Sequence[str], pad_token_id: int | None = None
     ) -> None:
+        import threading
+
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.keys = list(keys)
@@ -102,22 +116,74 @@ class TokenEncoder:
             self.keys.append("attention_mask")  # always built: padding and pooling use it
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
+        self._lock = threading.Lock()
+        # Type ids where the wrapper gives them (RoBERTa's, say, gives none).
+        self._types = "token_type_ids" in self.keys
+        self._core = self._fast_core(tokenizer, max_length)
 
-    def encode(
+    def _fast_core(self, tokenizer: Any, max_length: int) -> Any:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        try:
+            from tokenizers import Tokenizer
+
+            core = Tokenizer.from_str(backend.to_str())
+            core.enable_truncation(
+                max_length,
+                strategy="longest_first",
+                direction=getattr(tokenizer, "truncation_side", "right"),
+            )
+            core.no_padding()
+            short = self.PROBE[0] * 3
+            probes = [([short, self.PROBE[1]], None), ([short], [self.PROBE[1]])]
+            for texts, pairs in probes:
+                expected = self._encode_wrapper(texts, pairs)
+                self._types = "token_type_ids" in expected
+                got = self._encode_core(core, texts, pairs)
+                if got["input_ids"] != expected["input_ids"] or (
+                    pairs is not None
+                    and got.get("token_type_ids") != expected.get("token_type_ids")
+                ):
+                    return None
+        except Exception:  # any oddity of a tokenizer: the wrapper is always right
+            return None
+        return core
+
+    def _encode_core(
+        self, core: Any, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> dict[str, list[list[int]]]:
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+        encodings = core.encode_batch_fast(inputs)
+        out = {"input_ids": [e.ids for e in encodings]}
+        # Without a pair every type id is 0, the models' default for a missing input.
+        if self._types and pairs is not None:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
+        return out
+
+    def _encode_wrapper(
         self, texts: Sequence[str], pairs: Sequence[str] | None
     ) -> dict[str, list[list[int]]]:
-        enc = self.tokenizer(
-            list(texts),
-            list(pairs) if pairs is not None else None,
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-        )
+        with self._lock:
+            enc = self.tokenizer(
+                list(texts),
+                list(pairs) if pairs is not None else None,
+                truncation=True,
+                max_length=self.max_length,
+                padding=False,
+                return_attention_mask=False,
+            )
         out = {"input_ids": enc["input_ids"]}
         if "token_type_ids" in self.keys and "token_type_ids" in enc:
             out["token_type_ids"] = enc["token_type_ids"]
         return out
+
+    def encode(
+        self, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> dict[str, list[list[int]]]:
+        if self._core is not None:
+            return self._encode_core(self._core, texts, pairs)
+        return self._encode_wrapper(texts, pairs)
 
 
 class TokenizedBackend:
@@ -150,6 +216,51 @@ class TokenizedBackend:
         self, texts: Sequence[str], pairs: Sequence[str] | None
     ) -> dict[str, list[list[int]]]:
         return self._encoder.encode(texts, pairs)
+
+
+class TorchDevice:
+    """What torch backends share on the way to and from their device.
+
+    On CUDA the padded inputs go through pinned host memory with non-blocking copies,
+    and a window's outputs stay on the device until one copy back (``to_host``)."""
+
+    _torch: Any
+    input_device: Any  # where the inputs go: the embedding layer's device
+
+    def _inputs_on_device(
+        self, inputs: dict[str, np.ndarray], keys: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        torch = self._torch
+        cuda = self.input_device.type == "cuda"
+        out = {}
+        for k in keys:
+            if k in inputs:
+                t = torch.from_numpy(inputs[k])
+                out[k] = t.pin_memory().to(self.input_device, non_blocking=True) if cuda else t
+        return out
+
+    def to_host(self, outputs: Sequence[torch.Tensor]) -> np.ndarray:
+        """The outputs of a window's passes, one ``(b, k)`` float32 array."""
+        torch = self._torch
+        joined = outputs[0] if len(outputs) == 1 else torch.cat([o.float() for o in outputs])
+        return joined.float().cpu().numpy()
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.to_host([self.forward_on_device(inputs)])
+
+    def forward_on_device(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def compile_model(model: Any, device: str, enabled: bool) -> Any:
+    """``torch.compile`` where asked for and on a GPU; on CPU the model as it is (the
+    compile costs minutes there and was not measured to pay off)."""
+    if not enabled or not device.startswith("cuda"):
+        return model
+    import torch
+
+    # Rows come in many lengths: one graph for all of them, not one per shape.
+    return torch.compile(model, dynamic=True)
 
 
 def tokenizer_fingerprint(tokenizer: Any, source: str) -> str:
@@ -224,15 +335,47 @@ def pick_device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+CPU_BFLOAT16_ENV = "RAY_ENSEMBLE_CPU_BFLOAT16"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). There a
+    transformer runs about twice as fast in bfloat16 (docs/benchmarks.md); elsewhere
+    bfloat16 is emulated and slower than float32. ``RAY_ENSEMBLE_CPU_BFLOAT16=0`` (or
+    ``1``) overrides the answer, read at each call: for bit-for-bit float32 runs, say."""
+    import os
+
+    forced = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def gpu_has_bfloat16(device: str = "cuda") -> bool:
+    """Native bfloat16 needs compute capability 8.0 (Ampere) or newer.
+    ``torch.cuda.is_bf16_supported()`` also says yes where it is emulated (T4, V100),
+    many times slower than float16."""
+    import torch
+
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` = bfloat16 (or float16) on a GPU that supports it, float32 on CPU."""
+    """``auto`` = bfloat16 on a GPU that has it natively (compute capability 8.0+),
+    float16 on older GPUs; on CPU float32, or bfloat16 where the CPU multiplies it in
+    hardware (:func:`native_bfloat16`)."""
     import torch
 
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        return torch.bfloat16 if gpu_has_bfloat16(device) else torch.float16
+    return torch.bfloat16 if native_bfloat16() else torch.float32
 
 
 def safetensors_bytes(files: Sequence[Path], dtype: str, *, on_gpu: bool) -> int:

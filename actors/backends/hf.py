@@ -30,6 +30,8 @@ from actors.backends.base import (
     BackendError,
     BackendOptions,
     TokenizedBackend,
+    TorchDevice,
+    compile_model,
     load_tokenizer,
     resolve_dtype,
     safetensors_bytes,
@@ -58,6 +60,19 @@ class Options(BackendOptions):
         description="For a hub id: the branch, tag or commit hash to load (default: main). "
         "Resolved once, when the job is planned, to a commit hash that every actor loads, "
         "so a branch that moves mid-job changes nothing. Not for a local model folder.",
+    )
+    compile: bool = Field(
+        False,
+        description="Run the model through torch.compile (on a GPU only; ignored on CPU). "
+        "Off until a GPU run shows it helps for your model: the first passes are slow "
+        "while it compiles.",
+    )
+    attn_implementation: str | None = Field(
+        None,
+        min_length=1,
+        description="Passed to transformers' from_pretrained: `sdpa`, `eager`, or "
+        "`flash_attention_2` where the flash-attn package is installed. Default: "
+        "transformers' choice.",
     )
 
 
@@ -228,8 +243,11 @@ def describe(member: Any, task: Any) -> HeadInfo:
     )
 
 
-class HFBackend(TokenizedBackend):
-    """A transformers model run under ``torch.inference_mode``; the task reads its output."""
+class HFBackend(TorchDevice, TokenizedBackend):
+    """A transformers model run under ``torch.inference_mode``; the task reads its output.
+
+    With ``num_gpus`` of 2 or more (whole GPUs), the model is spread over the actor's
+    visible GPUs (``device_map="auto"``) and the inputs go to its embedding layer's GPU."""
 
     forward_in_threads = True
 
@@ -246,12 +264,20 @@ class HFBackend(TokenizedBackend):
         local = Path(member.model)
         # Prefer safetensors; refuse to fall back to pickled weights when safetensors exist.
         has_safetensors = local.is_dir() and any(local.glob("*.safetensors"))
+        extra: dict[str, Any] = {}
+        if member.options.attn_implementation:
+            extra["attn_implementation"] = member.options.attn_implementation
+        spread = device.startswith("cuda") and member.num_gpus >= 2
+        if spread:
+            extra["device_map"] = "auto"
+            extra["max_memory"] = gpu_memory_map()
         self.model = auto.from_pretrained(
             member.model,
             trust_remote_code=member.trust_remote_code,
             dtype=resolve_dtype(member.dtype, device),
             use_safetensors=True if has_safetensors else None,
             **_pinned(member),
+            **extra,
         )
         pad = pad_token_id(self.model.config, tokenizer)
         text = self.model.config.get_text_config()
@@ -259,8 +285,12 @@ class HFBackend(TokenizedBackend):
             # Padding and the classifier's search for the last real token must agree.
             text.pad_token_id = pad
             self.model.config.pad_token_id = pad
-        self.model.to(device)
+        if not spread:
+            self.model.to(device)
         self.model.eval()
+        self.input_device = (
+            self.model.get_input_embeddings().weight.device if spread else torch.device(device)
+        )
         # The model takes only the inputs its forward() names (e.g. no token_type_ids for RoBERTa).
         accepted = set(inspect.signature(self.model.forward).parameters)
         self._use_tokenizer(
@@ -271,17 +301,23 @@ class HFBackend(TokenizedBackend):
             pad_token_id=pad,
         )
         self._keys = self._encoder.keys
+        self._run = compile_model(self.model, device, member.options.compile)
 
-    def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        tensors = {
-            k: torch.from_numpy(v).to(self.device, non_blocking=True)
-            for k, v in inputs.items()
-            if k in self._keys
-        }
-        with torch.inference_mode():
-            out = self.model(**tensors)
-            return self.task.from_model_output(out, tensors["attention_mask"]).cpu().numpy()
+    def forward_on_device(self, inputs: dict[str, np.ndarray]) -> Any:
+        tensors = self._inputs_on_device(inputs, self._keys)
+        with self._torch.inference_mode():
+            out = self._run(**tensors)
+            return self.task.from_model_output(out, tensors["attention_mask"])
+
+
+def gpu_memory_map(headroom: float = 0.9) -> dict[int, int]:
+    """Bytes ``device_map="auto"`` may place on each visible GPU: most of what is free,
+    leaving room for activations."""
+    import torch
+
+    return {
+        i: int(torch.cuda.mem_get_info(i)[0] * headroom) for i in range(torch.cuda.device_count())
+    }
 
 
 def load(member: Any, task: Any, device: str, threads: int | None = None) -> HFBackend:

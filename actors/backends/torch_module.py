@@ -31,7 +31,9 @@ from actors.backends.base import (
     BackendError,
     BackendOptions,
     TokenizedBackend,
+    TorchDevice,
     check_tokenizer_files,
+    compile_model,
     load_tokenizer,
     pool,
     resolve_dtype,
@@ -59,6 +61,10 @@ class Options(BackendOptions):
         None,
         description="The label of each output, in order (default: the ensemble's labels); "
         "label_map applies to them.",
+    )
+    compile: bool = Field(
+        False,
+        description="Run the module through torch.compile (on a GPU only; ignored on CPU).",
     )
 
 
@@ -173,7 +179,7 @@ def describe(member: Any, task: Any) -> HeadInfo:
     return HeadInfo(labels=labels, hidden_size=width)
 
 
-class TorchModuleBackend(TokenizedBackend):
+class TorchModuleBackend(TorchDevice, TokenizedBackend):
     forward_in_threads = True
 
     def __init__(self, member: Any, task: Any, device: str) -> None:
@@ -181,6 +187,7 @@ class TorchModuleBackend(TokenizedBackend):
 
         self._torch = torch
         self.device = device
+        self.input_device = torch.device(device)
         self.model = build_module(member).to(device, resolve_dtype(member.dtype, device)).eval()
         self._keys = _forward_keys(self.model.forward)
         self._use_tokenizer(
@@ -189,21 +196,35 @@ class TorchModuleBackend(TokenizedBackend):
             self._keys,
             member.tokenizer or member.model,
         )
+        self._run = compile_model(self.model, device, member.options.compile)
 
     def forward(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        tensors = {
-            k: torch.from_numpy(v).to(self.device) for k, v in inputs.items() if k in self._keys
-        }
-        with torch.inference_mode():
-            out = self.model(**tensors)
+        # On CPU, numpy all the way: the (b, t, d) pooling there is pool()'s.
+        if self.input_device.type != "cpu":
+            return super().forward(inputs)
+        out = self._outputs(self._inputs_on_device(inputs, self._keys))
+        return pool(out.float().numpy(), inputs["attention_mask"])
+
+    def forward_on_device(self, inputs: dict[str, np.ndarray]) -> Any:
+        tensors = self._inputs_on_device(inputs, self._keys)
+        out = self._outputs(tensors).float()
+        if out.ndim == 3:
+            mask = tensors["attention_mask"].to(out.device).unsqueeze(-1).float()
+            out = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        elif out.ndim != 2:
+            pool(out.cpu().numpy(), inputs["attention_mask"])  # raises its clear error
+        return out
+
+    def _outputs(self, tensors: dict[str, Any]) -> Any:
+        with self._torch.inference_mode():
+            out = self._run(**tensors)
         for attr in ("logits", "last_hidden_state"):
             if hasattr(out, attr):
                 out = getattr(out, attr)
                 break
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return pool(out.float().cpu().numpy(), inputs["attention_mask"])
+        return out
 
 
 def load(member: Any, task: Any, device: str, threads: int | None = None) -> TorchModuleBackend:

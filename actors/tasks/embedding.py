@@ -71,7 +71,8 @@ class EmbeddingTask(Task):
     def from_model_output(self, output: Any, attention_mask: Any) -> Any:
         # Summed in float32: a half-precision sum over many tokens loses digits.
         hidden = output.last_hidden_state.float()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        # A model spread over GPUs may end on another one than its inputs started on.
+        mask = attention_mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def output_width(self, spec: MemberSpec, cfg: Any) -> int:

@@ -120,6 +120,23 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
     return results
 
 
+# Batches a replica runs at once. Only members on a GPU use the second: see forward_chunks.
+BATCHES_IN_FLIGHT = 2
+
+
+async def forward_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+    """:func:`run_chunks`, where it runs best.
+
+    On CPU, on the event loop Serve runs user code on (its own thread, apart from the
+    loop that answers Serve's health checks): a hop to a worker thread cost more than it
+    gave (docs/benchmarks.md), and requests that arrive meanwhile form the next batch,
+    which starts when this one returns. With members on a GPU, on a worker thread: the
+    next batch is tokenised on the loop while the device runs this one."""
+    if not host.on_accelerator:
+        return run_chunks(host, chunks)
+    return await asyncio.to_thread(run_chunks, host, chunks)
+
+
 def _cut(host: EnsembleHost, texts: list[str]) -> list[str]:
     return host.cut(pa.array(texts, pa.string())).to_pylist()
 
@@ -170,10 +187,10 @@ class HostServer:
         """The chunks of one ensemble batch in; per chunk, one array per member out."""
         return await self.linger.call(chunks)
 
-    @serve.batch(batch_size_fn=_call_texts)
+    @serve.batch(batch_size_fn=_call_texts, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _batched(self, calls: list[list[Chunk]]) -> list[list[list[np.ndarray]]]:
         flat = [chunk for call in calls for chunk in call]
-        out = run_chunks(self.host, flat)  # on the user-code loop, as in EnsembleServer
+        out = await forward_chunks(self.host, flat)
         answers, start = [], 0
         for call in calls:
             answers.append(out[start : start + len(call)])
@@ -287,7 +304,7 @@ class EnsembleServer(HttpApi):
         if disagreed:
             self.disagreed.inc(disagreed)
 
-    @serve.batch(batch_size_fn=_chunk_texts)
+    @serve.batch(batch_size_fn=_chunk_texts, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _batched(self, chunks: list[Chunk]) -> list[Scored | BaseException]:
         """One forward per member and one reduce for the chunks of concurrent requests.
 
@@ -325,11 +342,7 @@ class EnsembleServer(HttpApi):
         calls = [h.infer.remote(chunks) for _, h in self.remote]
         per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
         if self.host is not None:
-            # On the event loop Serve runs user code on (its own thread, apart from the
-            # loop that answers Serve's health checks): a hop to a worker thread cost
-            # more than it gave (docs/benchmarks.md), and requests that arrive meanwhile
-            # simply form the next batch.
-            for i, outs in enumerate(run_chunks(self.host, chunks)):
+            for i, outs in enumerate(await forward_chunks(self.host, chunks)):
                 per_chunk[i] += outs
         for result in await asyncio.gather(*calls):
             for i, outs in enumerate(result):
