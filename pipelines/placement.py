@@ -14,7 +14,6 @@ GPU sizes come from the driver's own GPUs when it has them, else from the nodes'
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from pipelines.config import ConfigError, EnsembleConfig, MemberConfig
