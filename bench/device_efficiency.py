@@ -119,6 +119,139 @@ def host_only(plan, data: Path, rows: int) -> float:
     return table.num_rows / (time.perf_counter() - start)
 
 
+def process_label(proc) -> str:
+    """What a Ray process runs, from its title (``ray::MapWorker(...)``, ``ray::ReadInput``)."""
+    try:
+        title = " ".join(proc.cmdline())
+    except Exception:
+        return "gone"
+    if "EnsembleHost" in title:
+        return "ensemble host (actor)"
+    for key, label in (
+        ("TokenizeStage", "tokenize stage (actor)"),
+        ("Write", "sink (Parquet write)"),
+        ("Read", "reader (JSONL parse)"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+        ("IDLE", "idle workers"),
+    ):
+        if key in title:
+            return label
+    if "ray::" in title:
+        return title.split()[0][:60]
+    return "driver" if proc.pid == os.getpid() else "other ray"
+
+
+def profile_run(plan, data: Path, out: Path, seconds: float, work: Path) -> dict:
+    """Run one job; meanwhile count each process's CPU seconds, and sample the host
+    actor's Python stacks with py-spy (when installed) for ``seconds``."""
+    import shutil
+    import subprocess
+    import threading
+
+    import psutil
+
+    done = threading.Event()
+    took: dict = {}
+
+    def job() -> None:
+        took["s"] = timed_score(plan, data, out)
+        done.set()
+
+    threading.Thread(target=job, daemon=True).start()
+    time.sleep(3.0)  # past start-up, into the steady state
+    procs = [p for p in psutil.process_iter() if p.pid != os.getpid()]
+    procs.append(psutil.Process())
+    before = {}
+    for p in procs:
+        try:
+            before[p.pid] = (p, sum(p.cpu_times()[:2]), process_label(p))
+        except psutil.Error:
+            pass
+    hosts = [pid for pid, (_, _, label) in before.items() if label.startswith("ensemble host")]
+    spy = None
+    raw = work / "host.pyspy.txt"
+    if hosts and shutil.which("py-spy"):
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(hosts[0]),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "200",
+                "--idle",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    started = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - started
+    cpu: dict[str, float] = {}
+    for _pid, (p, t0, label) in before.items():
+        try:
+            cpu[label] = cpu.get(label, 0.0) + sum(p.cpu_times()[:2]) - t0
+        except psutil.Error:
+            pass
+    if spy is not None:
+        spy.wait()
+    done.wait()
+    result = {
+        "wall_s": wall,
+        "cpu_share_of_wall": {
+            k: round(v / wall, 3)
+            for k, v in sorted(cpu.items(), key=lambda x: -x[1])
+            if v > 0.01 * wall
+        },
+        "host_stacks": summarise_stacks(raw) if raw.exists() else None,
+    }
+    return result
+
+
+# The host's steps, innermost first: a sample counts for the first that is on its stack.
+STEPS = (
+    ("TokenEncoder._encode_core.<locals>.<listcomp>", "tokenise: ids to Python lists"),
+    ("TokenEncoder._encode_core", "tokenise (Rust core)"),
+    ("TokenEncoder._encode_wrapper", "tokenise (transformers wrapper)"),
+    ("pad_batch", "pad"),
+    ("TorchDevice._inputs_on_device", "inputs to tensors"),
+    ("StandInDevice.forward", "device call, outside the device's time"),
+    ("reduce_batch", "reduce"),
+    ("EnsembleHost.cut", "cut texts"),
+    ("MemberHost.run_encoded", "micro-batching, outputs"),
+    ("EnsembleHost.__call__", "host call: Arrow in and out"),
+)
+
+
+def summarise_stacks(raw: Path) -> dict:
+    """Share of the host actor's busy samples (py-spy, idle threads left out) per step
+    of ours; the rest is Ray's worker (taking blocks in, serialising them out)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        label = next(
+            (lab for name, lab in STEPS if name in frames),
+            "Ray worker: blocks in and out"
+            if any("ray/" in f for f in stack.split(";"))
+            else "other",
+        )
+        counts[label] = counts.get(label, 0) + int(n)
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda x: -x[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--us", type=float, nargs="+", default=[200.0, 50.0])
@@ -135,6 +268,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "ray-ensemble-device")
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one 40,000-row job per setting: CPU seconds per process (which "
+        "stage costs what) and the host actor's stacks (py-spy, if installed)",
     )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -167,6 +306,12 @@ def main() -> None:
                 "t_small_s": t_small,
                 "t_large_s": t_large,
             }
+            if args.profile:
+                # About 12 s of work at the device's limit, sampled from 3 s to 8 s in.
+                rows = min(100_000, int(limit * 12))
+                data = write_rows(work / f"profile-{rows}.jsonl", rows, seed=1)
+                with designed(design, plan):
+                    row["profile"] = profile_run(plan, data, work / "out-profile", 5.0, work)
             if args.host_only:
                 row["host_only_rows_per_s"] = host_only(plan, small, SMALL)
             results.append(row)

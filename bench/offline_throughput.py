@@ -136,10 +136,23 @@ def naive_loop(model_dirs: list[str], texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def sorted_loop(model_dirs: list[str], texts: list[str]) -> float:
+def sorted_loop(model_dirs: list[str], texts: list[str], warmup: bool = False) -> float:
+    """``warmup``: one untimed batch per model first. On a GPU the first pass pays for
+    cuBLAS and kernel set-up, as the pipeline's untimed warm-up run does for ray-ensemble."""
     import torch
 
     loaded = load_models(model_dirs)
+    if warmup:
+        with torch.inference_mode():
+            for tok, model in loaded:
+                enc = tok(
+                    texts[:BATCH],
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_LENGTH,
+                    return_tensors="pt",
+                ).to(DEVICE)
+                model(**enc).logits.float().cpu()
     start = time.perf_counter()
     with torch.inference_mode():
         for tok, model in loaded:
@@ -262,6 +275,12 @@ def main() -> None:
         help="rows per host call, in batches (default: pipelines.offline.WINDOW_BATCHES)",
     )
     parser.add_argument(
+        "--windows-in-flight",
+        type=int,
+        default=None,
+        help="windows a host runs at once (default: pipelines.offline.WINDOWS_IN_FLIGHT)",
+    )
+    parser.add_argument(
         "--no-loops", action="store_true", help="skip the plain loops (exploring layouts only)"
     )
     parser.add_argument(
@@ -275,6 +294,10 @@ def main() -> None:
         import pipelines.offline
 
         pipelines.offline.WINDOW_BATCHES = args.window_batches
+    if args.windows_in_flight:
+        import pipelines.offline
+
+        pipelines.offline.WINDOWS_IN_FLIGHT = args.windows_in_flight
     host = {}
     if args.replicas:
         host["replicas"] = args.replicas

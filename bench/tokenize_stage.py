@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.host import EnsembleHost, member_output_column, reduce_batch
+from pipelines.plan import LIGHT_TASK_CPUS
 
 IDS = "\x00ids"
 
@@ -80,7 +81,8 @@ def installed(plan: Any) -> Iterator[None]:
             batch_format="pyarrow",
             batch_size=offline.window_rows(plan),
             compute=ActorPoolStrategy(size=1),
-            num_cpus=0.5,
+            # Logical CPUs: the hosts hold the rest of the cluster's share.
+            num_cpus=LIGHT_TASK_CPUS,
         )
 
     ray.data.read_datasource = read_then_tokenise
