@@ -110,7 +110,12 @@ def head():
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     token = secrets.token_hex(32)
     gcs, dashboard, agent, agent_grpc, client_server, runtime_env, metrics = _free_ports(7)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS
+    # No RAY_ADDRESS and no other Ray setting; the project's own RAY_ENSEMBLE_* stay.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RAY_") or k.startswith("RAY_ENSEMBLE_")
+    }
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # job's `python`
         HF_HUB_OFFLINE="1",
