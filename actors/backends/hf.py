@@ -269,6 +269,14 @@ class HFBackend(TorchDevice, TokenizedBackend):
             extra["attn_implementation"] = member.options.attn_implementation
         spread = device.startswith("cuda") and member.num_gpus >= 2
         if spread:
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None:
+                raise BackendError(
+                    f"num_gpus: {member.num_gpus:g} spreads the model over GPUs with "
+                    "device_map, which needs the accelerate package on every GPU node: "
+                    "pip install 'ray-ensemble[gpu]' (or accelerate)"
+                )
             extra["device_map"] = "auto"
             extra["max_memory"] = gpu_memory_map()
         self.model = auto.from_pretrained(
