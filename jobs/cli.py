@@ -9,7 +9,9 @@ traceback), 1 on a failure at run time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -21,6 +23,13 @@ from actors.reducer import FIT_CANDIDATES
 from actors.tasks import TASKS, Task
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+# A local Ray kills a worker idle for a second once it runs more workers than it has CPUs,
+# and a job's actors alone (hosts, row counter, Ray Data's own) outnumber small machines'
+# CPUs: the read task's worker was gone before the first rows were scored, and the first
+# write waited 1.5-1.8 s for a new process (bench/startup.py --breakdown, 2 CPUs). Idle
+# workers cost memory only; a minute covers the hosts' start-up.
+IDLE_WORKER_KEEP_MS = 60_000
 
 logger = logging.getLogger("ray_ensemble")
 
@@ -245,7 +254,12 @@ def _start_ray(address: str | None, num_cpus: int | None, *, dashboard: bool = F
         env = {"working_dir": root, "excludes": [".venv", ".git", "examples", "out"]}
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+        )
     logger.info("ray: ready in %.1fs", time.perf_counter() - started)
     return True
 
@@ -287,20 +301,22 @@ def _score(args: argparse.Namespace) -> int:
             rows_per_file=args.rows_per_file or ROWS_PER_FILE,
         )
         took = time.perf_counter() - started
-    new = summary.rows - summary.resumed
-    rate = new / took if took > 0 else 0.0
-    resumed = f"; {summary.resumed} were committed before" if summary.resumed else ""
-    logger.info(
-        "scored %d rows (%d ok, %d with an error) in %.1fs (%.0f rows/s%s) -> %s (%d files, _SUCCESS)",
-        summary.rows,
-        summary.scored,
-        summary.errors,
-        took,
-        rate,
-        resumed,
-        summary.output,
-        summary.files,
-    )
+        # The output is published: say so before Ray's shutdown (1.5 s on 2 CPUs).
+        new = summary.rows - summary.resumed
+        rate = new / took if took > 0 else 0.0
+        resumed = f"; {summary.resumed} were committed before" if summary.resumed else ""
+        logger.info(
+            "scored %d rows (%d ok, %d with an error) in %.1fs (%.0f rows/s%s) -> %s (%d files, "
+            "_SUCCESS)",
+            summary.rows,
+            summary.scored,
+            summary.errors,
+            took,
+            rate,
+            resumed,
+            summary.output,
+            summary.files,
+        )
     return EXIT_OK
 
 
@@ -470,6 +486,19 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+_exit_without_collecting = False
+
+
+def _skip_final_collection() -> None:
+    """The interpreter's last full garbage collection at exit walked every object that
+    transformers, torch and Ray Data had made: about 1 s of a 10-row job, for memory the
+    OS takes back anyway. Frozen objects are left out of it; atexit runs before it."""
+    global _exit_without_collecting
+    if not _exit_without_collecting:
+        atexit.register(gc.freeze)
+        _exit_without_collecting = True
+
+
 def main(
     argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
 ) -> int:
@@ -480,6 +509,7 @@ def main(
 
     args = (parser or build_parser()).parse_args(argv)
     _setup_logging()
+    _skip_final_collection()
     try:
         if args.command == "score":
             return _score(args)
