@@ -308,7 +308,7 @@ class EnsembleHost:
 
     ``reduce``: default True when the host holds every member; a host that holds some
     adds their ``__member__<name>`` columns and a later stateless step reduces.
-    ``progress``: an actor handle whose ``add.remote(rows)`` is told of each window.
+    ``progress``: a ``RowCounter`` (by name: see pipelines/progress.py) told of each window.
     ``backends``: ready member backends by name (tests run the host without weights).
     ``observe``: called with (member name, seconds) after each member's forward pass.
     ``batch_threads``: on CPU with ``threads`` > 1, run micro-batches side by side on that
@@ -450,7 +450,7 @@ class EnsembleHost:
         if self.reduce:
             batch = reduce_batch(batch, plan=self.plan)
         if self.progress is not None:
-            self.progress.add.remote(n)
+            self.progress.add(n)
         return batch
 
 

@@ -59,7 +59,7 @@ class TokenizedInputHost(EnsembleHost):
         if self.reduce:
             batch = reduce_batch(batch, plan=self.plan)
         if self.progress is not None:
-            self.progress.add.remote(batch.num_rows)
+            self.progress.add(batch.num_rows)
         return batch
 
 

@@ -110,6 +110,48 @@ def job_data_context() -> Iterator[None]:
         ctx.issue_detectors_config.detectors = saved_detectors
 
 
+HOST_OPERATOR = EnsembleHost.__name__  # in the operator's name, "MapBatches(EnsembleHost)"
+
+
+def inline_host_arguments() -> None:
+    """Hosts get their constructor arguments inline in the creation task, not as refs.
+
+    Ray Data passes every pool actor its map transformer and data context as object-store
+    refs (ray#53727), so a restarted host depends on objects that a lost node or the
+    driver's exit can take with it, and Ray logs an error for each host it creates. Ours
+    are small (the plan pickles to a few kB), so Ray keeps them in the actor's creation
+    spec and a restart re-runs the constructor from there. Only our hosts' operators are
+    changed; where this Ray lays its operators out otherwise, nothing is."""
+    try:
+        from ray.data._internal.execution.operators.actor_pool_map_operator import (
+            ActorPoolMapOperator,
+        )
+    except ImportError:
+        return
+    start = getattr(ActorPoolMapOperator, "_start_actor", None)
+    if start is None or getattr(start, "_inline_arguments", False):
+        return
+
+    def _start_actor(self, *args, **kwargs):
+        if HOST_OPERATOR not in self.name or not hasattr(self, "_map_transformer"):
+            return start(self, *args, **kwargs)
+        # The refs are cached properties, so values in the instance's dict take their
+        # place for this call only; data tasks keep using the refs.
+        names = ("_data_context_ref", "_map_transformer_ref")
+        cached = {n: self.__dict__[n] for n in names if n in self.__dict__}
+        self.__dict__["_data_context_ref"] = self.data_context
+        self.__dict__["_map_transformer_ref"] = self._map_transformer
+        try:
+            return start(self, *args, **kwargs)
+        finally:
+            for n in names:
+                self.__dict__.pop(n, None)
+            self.__dict__.update(cached)
+
+    _start_actor._inline_arguments = True
+    ActorPoolMapOperator._start_actor = _start_actor
+
+
 def build_dataset(
     plan: EnsemblePlan,
     inputs: InputFiles,
@@ -126,6 +168,7 @@ def build_dataset(
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    inline_host_arguments()
     cfg = plan.config
     source = InputDatasource(
         inputs,

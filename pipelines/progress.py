@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["progress_log"]
+__all__ = ["RowCounter", "progress_log"]
 
 logger = logging.getLogger("pipelines.offline")
 
@@ -63,7 +64,39 @@ class _Tally:
         return self.before + self.last
 
 
-def _start_counter() -> Any:
+@dataclass(frozen=True)
+class RowCounter:
+    """What the hosts are given to count their rows: the counter's name, not its handle.
+
+    A handle in an actor's constructor arguments makes Ray keep them in the object store
+    (ray#53727: a restarted host would depend on them, and Ray logs an error for every
+    host). A name is plain data; the counter keeps it when it restarts."""
+
+    name: str
+    namespace: str
+
+    @property
+    def handle(self) -> Any:
+        import ray
+
+        return ray.get_actor(self.name, namespace=self.namespace)
+
+    def add(self, rows: int) -> None:
+        """Fire and forget: a count is lost, never a row."""
+        handle = _HANDLES.get(self.name)
+        if handle is None:
+            try:
+                handle = _HANDLES[self.name] = self.handle
+            except ValueError:  # the job is over, or its counter is restarting
+                return
+        handle.add.remote(rows)
+
+
+# Per process: the handle each host resolved once.
+_HANDLES: dict[str, Any] = {}
+
+
+def _start_counter() -> RowCounter:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -71,9 +104,14 @@ def _start_counter() -> Any:
     # the rest of the job when that node died. The driver's node dies only with the job.
     # A counter that dies anyway restarts there; the adds sent meanwhile wait for it.
     here = ray.get_runtime_context().get_node_id()
-    return (
+    counter = RowCounter(
+        f"ray-ensemble-progress-{uuid.uuid4().hex}", ray.get_runtime_context().namespace
+    )
+    _HANDLES[counter.name] = (
         ray.remote(_Progress)
         .options(
+            name=counter.name,
+            namespace=counter.namespace,
             num_cpus=0,
             max_restarts=-1,
             max_task_retries=-1,
@@ -81,6 +119,7 @@ def _start_counter() -> Any:
         )
         .remote()
     )
+    return counter
 
 
 def _line(total: int | None, done: int, rows: int, took: float) -> str:
@@ -100,15 +139,16 @@ def _line(total: int | None, done: int, rows: int, took: float) -> str:
 
 
 @contextlib.contextmanager
-def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[Any]:
+def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[RowCounter]:
     """Log one progress line every ``interval_s`` seconds while the block runs; yields
-    the counter actor whose ``add.remote(rows)`` the hosts call (Ray must be running).
+    the counter whose ``add(rows)`` the hosts call (Ray must be running).
 
     ``total``: the job's rows when known up front (Parquet), ``done``: rows committed by
     an earlier run (``--resume``)."""
     import ray
 
     counter = _start_counter()
+    handle = _HANDLES[counter.name]
     stop = threading.Event()
     started = time.perf_counter()
     tally = _Tally()
@@ -117,7 +157,7 @@ def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[An
         while not stop.wait(interval_s):
             took = time.perf_counter() - started
             try:
-                run, rows = ray.get(counter.get.remote(), timeout=READ_TIMEOUT_S)
+                run, rows = ray.get(handle.get.remote(), timeout=READ_TIMEOUT_S)
             except Exception:  # restarting: say so, and keep scoring and reporting
                 if stop.is_set():
                     return  # the job is over (and the counter killed): no line after its summary
@@ -138,4 +178,4 @@ def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[An
     finally:
         stop.set()
         thread.join(timeout=1)
-        ray.kill(counter)
+        ray.kill(_HANDLES.pop(counter.name))

@@ -276,6 +276,10 @@ def test_score_job_matches_plain_transformers(head, submitted, models):
     )
     # The entry point joined the job's cluster (RAY_ADDRESS) instead of starting its own.
     assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{head.gcs_port}\b", logs)
+    # A good job logs no error-level line from Ray's core worker ("[time E pid tid] ..."):
+    # hosts once got their arguments as object-store refs, and every job said so (ray#53727).
+    errors = re.findall(r"^\[[^\]]* E \d+ \d+\].*$", logs, flags=re.M)
+    assert not errors, "\n".join(errors)
 
     # The working_dir went up without .venv and the other .gitignored paths.
     assert submitted.submit_s < 15, f"submit took {submitted.submit_s:.1f}s: uploading .venv?"

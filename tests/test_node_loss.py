@@ -309,7 +309,7 @@ here = ray.get_runtime_context().get_node_id()
 nodes = []
 for _ in range(10):
     with progress_log(None, 0, 60) as counter:
-        where = counter.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+        where = counter.handle.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
         nodes.append(ray.get(where, timeout=60))
 
 # The lines of a log whose counter is killed (say by the OOM killer) mid-job.
@@ -326,13 +326,13 @@ def wait_for(pattern):
         time.sleep(0.05)
 
 with progress_log(None, 0, 0.2) as counter:
-    counter.add.remote(7)
+    counter.add(7)
     wait_for(r"score: 7 rows")
-    pid = ray.get(counter.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+    pid = ray.get(counter.handle.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
     os.kill(pid, signal.SIGKILL)
     while os.path.exists(f"/proc/{pid}"):
         time.sleep(0.01)
-    counter.add.remote(5)  # as a host would, while it restarts
+    counter.add(5)  # as a host would, while it restarts
     wait_for(r"score: 12 rows")
 print(json.dumps({"driver": here, "counters": nodes, "lines": lines}))
 """
