@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.standin_device import save_standin  # noqa: E402
+from jobs.cli import IDLE_WORKER_KEEP_MS  # noqa: E402
 
 SMALL, LARGE = 10_000, 40_000
 
@@ -295,7 +296,13 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # As `ray-ensemble score` starts a local Ray: idle workers kept, not restarted mid-job.
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+    )
     results = []
     try:
         for us, k, design in itertools.product(args.us, args.members, args.designs):

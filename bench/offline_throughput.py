@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from jobs.cli import IDLE_WORKER_KEEP_MS  # noqa: E402
+
 BATCH = 64
 MAX_LENGTH = 256
 
@@ -346,6 +348,8 @@ def main() -> None:
         num_gpus=torch.cuda.device_count() if args.num_gpus else 0,
         include_dashboard=False,
         log_to_driver=False,
+        # As `ray-ensemble score` starts a local Ray: idle workers kept, not restarted mid-job.
+        _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
     )
     results["ray_start_s"] = time.perf_counter() - start
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -48,7 +48,14 @@ def head(no_ray, s3, tmp_path):
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats",
         ],
-        env={**os.environ, **env, **auth, "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            **env,
+            **auth,
+            "HF_HUB_OFFLINE": "1",
+            # The job's `python` is this one, activated or not.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        },
         stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
