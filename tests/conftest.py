@@ -81,7 +81,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 # --- shared by the fault, storage and cluster tests -----------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULT_ROWS = 12_000  # long enough to kill something in the middle of a job
+FAULT_ROWS = 6_000  # long enough to kill something in the middle of a job (12 parts)
 S3_BUCKET = "scoring"
 S3_MEMBERS = ("alpha", "beta", "gamma")
 
