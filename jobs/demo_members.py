@@ -68,7 +68,8 @@ class BagOfPieces(nn.Module):
         present = torch.zeros(input_ids.shape[0], self.linear.in_features, device=input_ids.device)
         present.scatter_reduce_(1, input_ids, attention_mask.to(present.dtype), reduce="amax")
         present[:, self.ignore] = 0
-        return self.linear(present)
+        # `dtype: auto` may load the weights in bfloat16 (CPUs that multiply it natively).
+        return self.linear(present.to(self.linear.weight.dtype))
 
 
 class MeanPooledHead(nn.Module):

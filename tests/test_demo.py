@@ -98,6 +98,13 @@ def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp
     assert np.allclose(probs[:, 1], expected, atol=2e-3)
     assert (probs[:, 1] > 0.5).tolist() == [True, False, True]
 
+    # In bfloat16, as `dtype: auto` loads it on CPUs that multiply bfloat16 natively.
+    half = make_backend(
+        member.model_copy(update={"dtype": "bfloat16"}), get_task("classification"), "cpu"
+    )
+    logits = half.forward(pad_batch(half.encode(queries, None), range(3), half.pad_token_id))
+    assert np.allclose(_softmax(logits)[:, 1], expected, atol=2e-2)
+
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
