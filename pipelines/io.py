@@ -1492,11 +1492,13 @@ def iter_blocks(
         yield _conform(table, schema, text_columns, id_column)
 
 
-def read_column(files: list[Location], fmt: str, column: str) -> list:
-    """One column of every input row, in input order (None where a row lacks it)."""
+def read_column(files: list[Location], fmt: str, column: str, *, as_text: bool = True) -> list:
+    """One column of every input row, in input order (None where a row lacks it).
+
+    ``as_text=False``: JSON values keep their types (a list of tags stays a list)."""
     values: list = []
     # Parquet keeps its types (labels may be numbers); its bytes are decoded, as text.
-    text = [] if fmt == "parquet" else [column]
+    text = [] if fmt == "parquet" or not as_text else [column]
     for path in files:
         for table in iter_blocks(path, fmt, 65536, text):
             if column in table.column_names:

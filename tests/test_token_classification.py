@@ -522,3 +522,95 @@ def test_online_equals_the_offline_window(served_ner, taggers):
     # Bad input is a 422 naming it.
     r = requests.post(served_ner + "/v1/predict", json={"inputs": [{"words": []}]}, timeout=30)
     assert r.status_code == 422 and "words" in r.json()["error"]
+
+
+# --- evaluate: entity metrics (seqeval, strict IOB2), word accuracy, the F1 gain ------------
+
+
+def _strict_entities(tags):
+    """Strict IOB2 written out: B-X then I-X*; an I-X without its B-X is no entity."""
+    out, i = set(), 0
+    while i < len(tags):
+        if tags[i].startswith("B-"):
+            kind, j = tags[i][2:], i + 1
+            while j < len(tags) and tags[j] == f"I-{kind}":
+                j += 1
+            out.add((kind, i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _micro_f1(truth, pred):
+    right = sum(
+        len(_strict_entities(t) & _strict_entities(p)) for t, p in zip(truth, pred, strict=True)
+    )
+    total = sum(
+        len(_strict_entities(t)) + len(_strict_entities(p))
+        for t, p in zip(truth, pred, strict=True)
+    )
+    return 2 * right / total if total else 0.0
+
+
+def test_tag_metrics_and_gain_against_hand_counts():
+    from pipelines.tagging_evaluation import f1_gain, tag_metrics
+
+    truth = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-LOC", "I-LOC"], ["B-PER"]]
+    good = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-LOC", "O"], ["B-PER"]]
+    bad = [["B-PER", "O", "O", "I-LOC"], ["O", "B-LOC", "I-LOC"], ["O"]]
+    m = tag_metrics(truth, good)
+    assert m["f1"] == pytest.approx(_micro_f1(truth, good))
+    assert m["word_accuracy"] == pytest.approx(7 / 8)
+    assert m["per_type"]["PER"]["f1"] == pytest.approx(1.0)
+    assert m["per_type"]["LOC"]["recall"] == pytest.approx(0.5)
+    gain = f1_gain(truth, good, bad)
+    assert gain["delta"] == pytest.approx(_micro_f1(truth, good) - _micro_f1(truth, bad))
+    assert gain["low"] <= gain["delta"] <= gain["high"]
+
+
+def test_evaluate_writes_entity_metrics_and_the_plot(ray_cluster, taggers, tmp_path):
+    import random
+
+    from pipelines.evaluation import evaluate
+    from pipelines.output import read_output
+    from pipelines.plan import plan_ensemble
+    from pipelines.tagging_evaluation import check_tagged_input
+
+    rng = random.Random(3)
+    rows = []
+    for i in range(40):
+        words = TEXTS[i % 3].split()
+        tags, prev = [], "O"
+        for _ in words:
+            tag = rng.choice(TAGS if prev == "O" else [*TAGS, f"I-{prev[2:]}"])
+            tag = tag if not tag.startswith("I-") or prev[2:] == tag[2:] else "O"
+            tags.append(tag)
+            prev = tag
+        rows.append({"id": f"s{i}", "words": words, "tags": tags})
+    src = tmp_path / "tagged.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = plan_ensemble(_config(taggers, words_column="words"))
+    check_tagged_input(plan, src, "tags")
+    metrics = evaluate(plan, src, "tags", tmp_path / "report")
+    assert metrics["sentences"] == 40 and metrics["skipped"] == 0
+    scored = {r["id"]: r for r in read_output(tmp_path / "report" / "scored").to_pylist()}
+    truth = [r["tags"] for r in rows]
+    pred = [scored[r["id"]]["tags"] for r in rows]
+    assert metrics["ensemble"]["f1"] == pytest.approx(_micro_f1(truth, pred))
+    words = sum(len(t) for t in truth)
+    right = sum(a == b for t, p in zip(truth, pred, strict=True) for a, b in zip(t, p, strict=True))
+    assert metrics["ensemble"]["word_accuracy"] == pytest.approx(right / words)
+    member = [
+        [TAGS[k] for k in np.nanargmax(np.array(scored[r["id"]]["probs__bpe"], float), axis=1)]
+        for r in rows
+    ]
+    assert metrics["members"]["bpe"]["f1"] == pytest.approx(_micro_f1(truth, member))
+    assert metrics["gain"]["best_member"] in ("wp", "bpe")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "per_type_f1.png" in report and "entity F1" in report
+    assert (tmp_path / "report" / "per_type_f1.png").stat().st_size > 1000
+    with pytest.raises(Exception, match="not in the ensemble's labels"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"words": ["a"], "tags": ["B-ORG"]}) + "\n")
+        check_tagged_input(plan, bad, "tags")
