@@ -408,7 +408,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, for_training=True)
     data = read_train_set(cfg, args.input, args.label_column)
     logger.info(
-        "train: %d labelled rows (%d skipped: no label or no text)", len(data.texts), data.skipped
+        "train: %d labelled rows (%d skipped: no label or no text)", data.rows, data.skipped
     )
     with (
         _ray(args.address, args.num_cpus, dashboard=True),

@@ -365,8 +365,10 @@ def test_a_text_longer_than_max_length_gets_a_tag_for_every_word(taggers):
 
 
 def test_error_rows_have_null_tags_entities_and_probs(taggers):
-    rows = _run_host(_config(taggers), pa.table({"text": ["fine film", None, "   "]}))
+    # "\x07" is a word by the split rule, and a control character WordPiece drops.
+    rows = _run_host(_config(taggers), pa.table({"text": ["fine film", None, "   ", "\x07"]}))
     assert rows[0]["error"] is None
+    assert "no word of this text gave a token" in rows[3]["error"]
     for row in rows[1:]:
         assert row["error"]
         assert row["tags"] is None and row["entities"] is None and row["probs"] is None
@@ -459,7 +461,7 @@ def test_score_writes_the_token_columns(no_ray, taggers, tmp_path):
 # --- online: the same reducer behind /v1/predict and the Open Inference Protocol -------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def served_ner(ray_cluster, taggers, tmp_path_factory):
     import socket
 
@@ -517,7 +519,14 @@ def test_online_equals_the_offline_window(served_ner, taggers):
     assert outputs["tags"]["datatype"] == "BYTES" and outputs["tags"]["shape"] == [2]
     for i in range(2):
         assert json.loads(outputs["tags"]["data"][i]) == online[i]["tags"]
-        assert json.loads(outputs["entities"]["data"][i]) == online[i]["entities"]
+        # Other rows in the batch change the float32 passes in their last digits.
+        got = json.loads(outputs["entities"]["data"][i])
+        assert [{**e, "score": 0} for e in got] == [
+            {**e, "score": 0} for e in online[i]["entities"]
+        ]
+        np.testing.assert_allclose(
+            [e["score"] for e in got], [e["score"] for e in online[i]["entities"]], atol=1e-5
+        )
 
     # Bad input is a 422 naming it.
     r = requests.post(served_ner + "/v1/predict", json={"inputs": [{"words": []}]}, timeout=30)
@@ -569,17 +578,13 @@ def test_tag_metrics_and_gain_against_hand_counts():
     assert gain["low"] <= gain["delta"] <= gain["high"]
 
 
-def test_evaluate_writes_entity_metrics_and_the_plot(ray_cluster, taggers, tmp_path):
+def _tagged_set(path: Path, n: int = 40) -> list[dict]:
+    """Sentences with random (valid IOB2) tags, as JSON lines at ``path``."""
     import random
-
-    from pipelines.evaluation import evaluate
-    from pipelines.output import read_output
-    from pipelines.plan import plan_ensemble
-    from pipelines.tagging_evaluation import check_tagged_input
 
     rng = random.Random(3)
     rows = []
-    for i in range(40):
+    for i in range(n):
         words = TEXTS[i % 3].split()
         tags, prev = [], "O"
         for _ in words:
@@ -588,8 +593,18 @@ def test_evaluate_writes_entity_metrics_and_the_plot(ray_cluster, taggers, tmp_p
             tags.append(tag)
             prev = tag
         rows.append({"id": f"s{i}", "words": words, "tags": tags})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_evaluate_writes_entity_metrics_and_the_plot(ray_cluster, taggers, tmp_path):
+    from pipelines.evaluation import evaluate
+    from pipelines.output import read_output
+    from pipelines.plan import plan_ensemble
+    from pipelines.tagging_evaluation import check_tagged_input
+
     src = tmp_path / "tagged.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = _tagged_set(src)
     plan = plan_ensemble(_config(taggers, words_column="words"))
     check_tagged_input(plan, src, "tags")
     metrics = evaluate(plan, src, "tags", tmp_path / "report")
@@ -614,3 +629,144 @@ def test_evaluate_writes_entity_metrics_and_the_plot(ray_cluster, taggers, tmp_p
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"words": ["a"], "tags": ["B-ORG"]}) + "\n")
         check_tagged_input(plan, bad, "tags")
+
+
+# --- fit: temperatures and the combination on word-level NLL ----------------------------------
+
+
+def test_fit_on_word_level_nll(ray_cluster, taggers, tmp_path):
+    from scipy.optimize import minimize_scalar
+
+    from pipelines.fitting import check_labelled_input, collect_member_outputs, fit_ensemble
+    from pipelines.plan import plan_ensemble
+
+    src = tmp_path / "tagged.jsonl"
+    rows = _tagged_set(src, n=12)
+    plan = plan_ensemble(_config(taggers, words_column="words"))
+    inputs = check_labelled_input(plan, src, "tags", "fit")
+    data = collect_member_outputs(plan, inputs, "tags")
+    y = np.array([TAGS.index(t) for r in rows for t in r["tags"]])
+    np.testing.assert_array_equal(data.y, y)
+    for i, (name, own) in enumerate((("wp", TAGS), ("bpe", BPE_TAGS))):
+        ref = np.concatenate(
+            [_reference_member_logits(taggers[name], words=r["words"]) for r in rows]
+        )
+        aligned = np.full((len(ref), len(TAGS)), np.nan)
+        aligned[:, [TAGS.index(t) for t in own]] = ref
+        np.testing.assert_allclose(data.logits[i], aligned, atol=1e-4)
+
+        def word_nll(log_t, z=ref, tags=own):
+            # A word whose tag the member lacks scores the floor at every temperature.
+            q = _aligned_probs(z, tags, float(np.exp(log_t)))
+            picked = np.nan_to_num(q[np.arange(len(y)), y], nan=0.0)
+            return -np.mean(np.log(np.clip(picked, 1e-12, 1.0)))
+
+        best = float(
+            np.exp(
+                minimize_scalar(word_nll, bounds=(np.log(0.02), np.log(50.0)), method="bounded").x
+            )
+        )
+        result = fit_ensemble(plan, data)
+        assert result.temperatures[i] == pytest.approx(best, rel=2e-2)
+    assert result.combine in ("mean", "weighted_mean", "geometric_mean")
+    assert {c.combine for c in result.candidates} <= {"mean", "weighted_mean", "geometric_mean"}
+    with pytest.raises(ConfigError, match="stacking"):
+        fit_ensemble(plan, data, "stacking")
+
+
+# --- train: labels on each word's first sub-token, -100 on the rest -------------------------
+
+
+def test_training_labels_sit_on_first_sub_tokens(taggers):
+    from transformers import AutoTokenizer
+
+    from actors.tasks.token_classification import training_batch
+
+    tok = AutoTokenizer.from_pretrained(str(taggers["bpe"]))
+    text = TEXTS[2]
+    words = split_words(text)[0]
+    y = [k % len(TAGS) for k in range(len(words))]
+    for given, rows in ((False, [text, "fun"]), (True, [words, ["fun"]])):
+        inputs, labels = training_batch(tok, rows, [y, [1]], 64, given=given)
+        assert len(labels[0]) == len(inputs["input_ids"][0]) == len(inputs["input_ids"][1])
+        enc = tok(words, is_split_into_words=True) if given else None
+        if given:
+            ids = enc.word_ids()
+            firsts = [ids.index(w) for w in range(len(words))]
+        else:
+            enc = tok(text, return_offsets_mapping=True)
+            spans = enc["offset_mapping"]
+            seq = enc.sequence_ids()
+            firsts = [
+                next(
+                    i for i, (s, e) in enumerate(spans) if seq[i] is not None and s < we and e > ws
+                )
+                for ws, we in split_words(text)[1]
+            ]
+        expected = [-100] * len(labels[0])
+        for w, pos in enumerate(firsts):
+            expected[pos] = y[w]
+        assert labels[0] == expected
+        assert sorted(v for v in labels[1] if v != -100) == [1]
+
+
+def test_train_fine_tunes_a_tagger_with_ray_train(ray_cluster, taggers, tmp_path):
+    import yaml
+    from transformers import AutoConfig
+
+    from jobs.example import build_tagger
+    from pipelines.config import load_config
+    from pipelines.training import read_train_set, train_members
+
+    base = build_tagger(tmp_path / "base", tags=["O", "X"], seed=5, initializer_range=0.02)
+    # A rule a tagger can learn from 40 sentences: "the" starts a PER entity, the word
+    # after it continues it, everything else is outside.
+    rows = []
+    for i in range(40):
+        words = TEXTS[i % 3].split()
+        tags = ["O"] * len(words)
+        for k, w in enumerate(words):
+            if w == "the":
+                tags[k] = "B-PER"
+                if k + 1 < len(words):
+                    tags[k + 1] = "I-PER"
+        rows.append({"words": words, "tags": tags})
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "name": "ner",
+        "task": "token_classification",
+        "labels": TAGS,
+        "input": {"words_column": "words"},
+        "members": [
+            {
+                "name": "tuned",
+                "model": str(tmp_path / "tuned"),
+                "train": {
+                    "base_model": str(base),
+                    "epochs": 8,
+                    "batch_size": 8,
+                    "learning_rate": 5e-3,
+                    "cpus_per_worker": 1,
+                },
+            }
+        ],
+    }
+    (tmp_path / "ner.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp_path / "ner.yaml", for_training=True)
+    data = read_train_set(cfg, src, "tags")
+    assert data.rows == 40 and data.skipped == 0
+    train_members(cfg, data, workdir=tmp_path / "work")
+    trained = AutoConfig.from_pretrained(str(tmp_path / "tuned"))
+    assert trained.architectures == ["BertForTokenClassification"]
+    assert [trained.id2label[i] for i in range(len(TAGS))] == TAGS
+    scored = _run_host(
+        load_config(tmp_path / "ner.yaml"), pa.table({"words": [r["words"] for r in rows[:3]]})
+    )
+    right = sum(
+        a == b
+        for r, s in zip(rows[:3], scored, strict=True)
+        for a, b in zip(r["tags"], s["tags"], strict=True)
+    )
+    words = sum(len(r["words"]) for r in rows[:3])
+    assert right / words >= 0.9

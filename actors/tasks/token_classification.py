@@ -58,6 +58,8 @@ __all__ = [
     "aggregate_words",
     "decode_entities",
     "default_stride",
+    "first_token_labels",
+    "training_batch",
     "split_words",
     "word_tokens",
 ]
@@ -128,6 +130,73 @@ def word_tokens(
     return own
 
 
+def first_token_labels(
+    positions: Sequence[Sequence[int]], word_labels: Sequence[int], length: int
+) -> list[int]:
+    """Training labels for one tokenised row: each word's label on its first sub-token,
+    -100 (ignored by the loss) on every other token. ``positions``: per word, its token
+    positions (:func:`word_tokens`, or the tokenizer's ``word_ids``); a word cut off by
+    truncation has none.
+
+    >>> first_token_labels([[1, 2], [3]], [4, 0], 5)
+    [-100, 4, -100, 0, -100]
+    """
+    out = [-100] * length
+    for toks, label in zip(positions, word_labels, strict=True):
+        if toks and out[toks[0]] == -100:
+            out[toks[0]] = int(label)
+    return out
+
+
+def training_batch(
+    tokenizer: Any,
+    rows: Sequence[str] | Sequence[Sequence[str]],
+    tags: Sequence[Sequence[int]],
+    max_length: int,
+    *,
+    given: bool,
+) -> tuple[dict[str, list[list[int]]], list[list[int]]]:
+    """Padded token inputs and labels for fine-tuning a tagger (`ray-ensemble train`).
+
+    ``rows``: texts (split by :data:`WORD_PATTERN`, tokenised with offsets, sub-tokens
+    mapped to words as when scoring) or, ``given``, pre-split words (tokenised with
+    ``is_split_into_words``). ``tags``: per row, a label index per word."""
+    if given:
+        enc = tokenizer(
+            [list(w) for w in rows],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+        )
+    else:
+        enc = tokenizer(
+            list(rows),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_offsets_mapping=True,
+        )
+    width = len(enc["input_ids"][0]) if len(rows) else 0
+    labels = []
+    for i, (row, y) in enumerate(zip(rows, tags, strict=True)):
+        if given:
+            positions: list[list[int]] = [[] for _ in row]
+            for pos, wid in enumerate(enc.word_ids(i)):
+                if wid is not None:
+                    positions[wid].append(pos)
+        else:
+            seq = enc.sequence_ids(i)
+            spans = [
+                tuple(span) if seq[k] is not None else None
+                for k, span in enumerate(enc["offset_mapping"][i])
+            ]
+            positions = word_tokens(spans, split_words(str(row))[1])
+        labels.append(first_token_labels(positions, y, width))
+    inputs = {k: v for k, v in enc.items() if k != "offset_mapping"}
+    return inputs, labels
+
+
 def aggregate_words(logits: np.ndarray, positions: Sequence[Sequence[int]], how: str) -> np.ndarray:
     """``(W, k)`` word logits from one window's ``(t, k)`` token logits."""
     if how == "first":
@@ -174,6 +243,7 @@ class Prepared:
     row_windows: list[list[int]]  # per row, its windows' indices
     word_window: list[np.ndarray]  # per row, (W,) the window each word reads
     word_positions: list[list[list[int]]]  # per row, per word, its token positions there
+    row_failed: dict[int, str]  # rows no token of the member could read, and why
 
 
 def _json_same(value: Any, labels: Sequence[str]) -> Any:
@@ -195,8 +265,9 @@ class TokenClassificationTask(Task):
         *(c for c in CLASSIFICATION_COMBINE if c not in ("weighted_mean", "stacking")),
     )
     hf_model_class = "AutoModelForTokenClassification"
-    trainable = False
-    fittable = False
+    trainable = True
+    # `fit` runs on words: each word is a row of the classification fit.
+    fittable = True
     takes_words = True
     fields = (
         # Rows have a length of their own: the Open Inference Protocol gets each row's
@@ -292,7 +363,8 @@ class TokenClassificationTask(Task):
         return output.logits.float()
 
     def output_width(self, spec: MemberSpec, cfg: Any) -> int:
-        return len(spec.model_labels)
+        # Only windows with no valid row ask: their (empty) outputs are in `labels` order.
+        return len(cfg.labels)
 
     # --- per member: words in, per-word aligned logits out -------------------------------
 
@@ -328,7 +400,7 @@ class TokenClassificationTask(Task):
         inputs = row_words if given else list(texts or ())
         n = len(inputs)
         if n == 0:
-            return {"input_ids": []}, Prepared({"input_ids": []}, [], [], [])
+            return {"input_ids": []}, Prepared({"input_ids": []}, [], [], [], {})
         with host.backend.tokenizer_lock:
             enc = tokenizer(
                 inputs,
@@ -349,6 +421,7 @@ class TokenClassificationTask(Task):
             row_windows[r].append(w)
         word_window: list[np.ndarray] = []
         word_positions: list[list[list[int]]] = []
+        row_failed: dict[int, str] = {}
         for r in range(n):
             count = len(row_words[r])
             best = np.full(count, -1, dtype=np.int64)
@@ -377,11 +450,12 @@ class TokenClassificationTask(Task):
                     gap = min(toks[0] - lo, hi - toks[0])
                     if gap > best_gap[k]:
                         best_gap[k], best[k], positions[k] = gap, w, toks
-            _fill_wordless(best, positions)
+            if not _fill_wordless(best, positions):
+                row_failed[r] = f"member {member.name}: no word of this text gave a token"
             word_window.append(best)
             word_positions.append(positions)
         encoded = {"input_ids": ids}
-        return encoded, Prepared(encoded, row_windows, word_window, word_positions)
+        return encoded, Prepared(encoded, row_windows, word_window, word_positions, row_failed)
 
     def finish_rows(
         self,
@@ -401,6 +475,8 @@ class TokenClassificationTask(Task):
             count = len(prepared.word_window[r])
             aligned = np.full((count, labels), np.nan, dtype=np.float32)
             lost = [window_failed[w] for w in windows if w in window_failed]
+            if r in prepared.row_failed:
+                lost.append(prepared.row_failed[r])
             if lost:
                 failed[r] = lost[0]
             elif count:
@@ -589,9 +665,10 @@ class TokenClassificationTask(Task):
         return {"words": None, "tags": None, "tag_scores": None, "entities": None, "error": error}
 
 
-def _fill_wordless(best: np.ndarray, positions: list[list[int]]) -> None:
+def _fill_wordless(best: np.ndarray, positions: list[list[int]]) -> bool:
     """A word no token touches (a character its tokenizer drops) reads the nearest
-    earlier word's tokens (else the next one's), so every word gets a tag."""
+    earlier word's tokens (else the next one's), so every word gets a tag. False when no
+    word has a token at all."""
     count = len(best)
     for k in range(count):
         if best[k] >= 0:
@@ -601,8 +678,7 @@ def _fill_wordless(best: np.ndarray, positions: list[list[int]]) -> None:
             near = next((j for j in range(k + 1, count) if best[j] >= 0 and positions[j]), None)
         if near is not None:
             best[k], positions[k] = best[near], positions[near]
-    if count and (best < 0).any():
-        raise ValueError("no word of the text gave a token")
+    return not (count and (best < 0).any())
 
 
 def _objects(values: list) -> np.ndarray:
