@@ -770,3 +770,13 @@ def test_train_fine_tunes_a_tagger_with_ray_train(ray_cluster, taggers, tmp_path
     )
     words = sum(len(r["words"]) for r in rows[:3])
     assert right / words >= 0.9
+
+
+def test_a_words_input_column_is_allowed_only_as_the_words_column(taggers, tmp_path):
+    from pipelines.io import InputError, check_input
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "a film", "words": ["a", "film"]}) + "\n")
+    check_input(_config(taggers, words_column="words"), src)
+    with pytest.raises(InputError, match="words"):
+        check_input(_config(taggers), src)
