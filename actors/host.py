@@ -237,16 +237,14 @@ class MemberHost:
             pieces = [piece for rows in batches for piece in run(rows)]
         else:
             pieces = [piece for done in self.pool.map(run, batches) for piece in done]
-        width = None
         raw = None
         if pieces:
             order = np.concatenate([rows for rows, _ in pieces])
             if self.on_device:
                 values = self.backend.to_host([out for _, out in pieces])  # type: ignore[attr-defined]
             else:
-                values = np.concatenate([out for _, out in pieces])
-            width = values.shape[1]
-            raw = np.full((n, width), np.nan, dtype=np.float32)
+                values = _join([out for _, out in pieces])
+            raw = np.full((n, *values.shape[1:]), np.nan, dtype=np.float32)
             raw[order] = values
         if raw is None:  # every row failed: the width comes from a pass over nothing
             raw = np.full((n, self.task.output_width(self.spec, cfg)), np.nan, dtype=np.float32)
@@ -295,6 +293,18 @@ class MemberHost:
     @property
     def padding_efficiency(self) -> float:
         return self.real_tokens / self.padded_tokens if self.padded_tokens else math.nan
+
+
+def _join(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Passes' outputs as one array; per-token ``(b, t, k)`` outputs are padded with NaN to
+    the longest pass."""
+    if len(outputs) > 1 and outputs[0].ndim == 3:
+        width = max(o.shape[1] for o in outputs)
+        outputs = [
+            np.pad(o, ((0, 0), (0, width - o.shape[1]), (0, 0)), constant_values=np.nan)
+            for o in outputs
+        ]
+    return np.concatenate(outputs)
 
 
 class UnscorableText(ValueError):
@@ -347,9 +357,11 @@ class EnsembleHost:
         if unknown:
             raise ValueError(f"members {unknown} are not in the ensemble")
         self.plan = plan
+        self.task = plan.task
         self.reduce = len(names) == len(cfg.members) if reduce is None else reduce
         self.text_column = cfg.input.text_column
         self.pair_column = cfg.input.text_pair_column
+        self.words_column = cfg.input.words_column
         self.max_chars = cfg.input.max_chars
         self.progress = progress
         self.observe = observe
@@ -379,7 +391,8 @@ class EnsembleHost:
         # Members that tokenise alike share one tokenizer call per window.
         self.groups: dict[object, list[int]] = {}
         for i, member in enumerate(self.members):
-            self.groups.setdefault(member.tokenizer_key, []).append(i)
+            key = (member.tokenizer_key, self.task.encode_key(member.member))
+            self.groups.setdefault(key, []).append(i)
 
     def cut(self, texts: pa.Array) -> pa.Array:
         """Text cut to ``input.max_chars``: tokens past ``max_length`` are dropped anyway,
@@ -390,28 +403,39 @@ class EnsembleHost:
 
     def infer(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | None,
         pairs: Sequence[str] | None = None,
         failed: dict[int, str] | None = None,
-    ) -> list[np.ndarray]:
-        """Each member's outputs for valid, already cut texts, in member order.
+        words: Sequence[Sequence[str]] | None = None,
+    ) -> list[Any]:
+        """Each member's outputs for valid, already cut texts (or pre-split ``words``), in
+        member order.
 
         A text too long for a member's device: with ``failed``, its index and reason go
         there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
         Safe to call from several threads at once (one window tokenising while another
         is on the device)."""
-        outputs: list[np.ndarray] = [np.empty(0)] * len(self.members)
+        outputs: list[Any] = [np.empty(0)] * len(self.members)
         lost: dict[int, str] = {} if failed is None else failed
+        rows = len(words) if words is not None else len(texts or ())
         for indices in self.groups.values():
+            lead = self.members[indices[0]]
             try:
-                encoded = (
-                    self.members[indices[0]].encode(texts, pairs) if texts else {"input_ids": []}
-                )
+                if rows:
+                    encoded, prepared = self.task.encode_rows(lead, texts, pairs, words)
+                else:
+                    encoded, prepared = {"input_ids": []}, None
             except Exception as exc:
                 raise UnscorableText(f"{type(exc).__name__}: {exc}") from exc
             for i in indices:
                 started = time.perf_counter()
-                outputs[i] = self.members[i].run_encoded(encoded, lost)
+                window_failed: dict[int, str] = {}
+                raw = self.members[i].run_encoded(encoded, window_failed)
+                outputs[i] = (
+                    self.task.finish_rows(raw, prepared, self.members[i], window_failed, lost)
+                    if rows
+                    else raw
+                )
                 if self.observe is not None:
                     self.observe(self.members[i].member.name, time.perf_counter() - started)
         if failed is None and lost:
@@ -424,12 +448,15 @@ class EnsembleHost:
         valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(valid)
         taken = pa.array(rows)
-        texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
-        pairs = None
+        texts = pairs = words = None
+        if self.words_column:
+            words = batch.column(self.words_column).take(taken).to_pylist()
+        else:
+            texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
         if self.pair_column:
             pairs = self.cut(batch.column(self.pair_column).take(taken)).to_pylist()
         failed: dict[int, str] = {}
-        outputs = self.infer(texts, pairs, failed)
+        outputs = self.infer(texts, pairs, failed, words)
         if failed:
             # A row no device pass could hold is an error row, like bad input.
             errors = batch.column("error").to_pylist()
@@ -440,12 +467,11 @@ class EnsembleHost:
                 index, "error", pa.array(errors, batch.schema.field("error").type)
             )
             valid[rows[list(failed)]] = False
+        width = len(self.plan.config.labels or ())
         for member, values in zip(self.members, outputs, strict=True):
-            width = values.shape[1]
-            full = np.full((n, width), np.nan, dtype=np.float32)
-            full[rows] = values
-            full[~valid] = np.nan
-            column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
+            if isinstance(values, np.ndarray):
+                width = values.shape[1]
+            column = self.task.member_column(values, rows, valid, n, width)
             batch = batch.append_column(member_output_column(member.member.name), column)
         if self.reduce:
             batch = reduce_batch(batch, plan=self.plan)
@@ -454,14 +480,13 @@ class EnsembleHost:
         return batch
 
 
-def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
-    """Each member's ``__member__<name>`` column as an ``(n, width)`` array."""
-    outs = []
-    for name in names:
-        column = batch.column(member_output_column(name)).combine_chunks()
-        width = column.type.list_size
-        outs.append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width))
-    return outs
+def member_outputs(batch: pa.Table, names: list[str], task: Task | None = None) -> list[Any]:
+    """Each member's ``__member__<name>`` column as the reducer takes it (an ``(n, width)``
+    array for one output per row)."""
+    from actors.tasks import TASKS
+
+    task = task or TASKS["classification"]
+    return [task.read_member_column(batch.column(member_output_column(n))) for n in names]
 
 
 def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
@@ -473,12 +498,24 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     """
     cfg = plan.config
     names = [m.name for m in cfg.members]
-    outputs = member_outputs(batch, names)
+    outputs = member_outputs(batch, names, plan.task)
     errors = batch.column("error").to_pylist()
+    inputs = None
+    if plan.task.takes_words:
+        words_column = cfg.input.words_column
+        inputs = (
+            {"words": batch.column(words_column).to_pylist()}
+            if words_column
+            else {"text": batch.column(cfg.input.text_column).to_pylist()}
+        )
     batch = batch.drop_columns([member_output_column(n) for n in names] + ["error"])
-    scored = plan.task.reduce(outputs, plan=plan, errors=errors)
+    scored = plan.task.reduce(outputs, plan=plan, errors=errors, inputs=inputs)
     for name, column in plan.task.to_arrow(scored, cfg).items():
-        batch = batch.append_column(name, column)
+        if name in batch.column_names:
+            # The words column given as `words` is the output's `words`, the same lists.
+            batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+        else:
+            batch = batch.append_column(name, column)
     # Labels travel in the file metadata, so a reader knows what `probs` index.
     meta = {LABELS_METADATA_KEY: json.dumps(cfg.labels or []).encode()}
     return batch.replace_schema_metadata(meta)

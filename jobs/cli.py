@@ -408,7 +408,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, for_training=True)
     data = read_train_set(cfg, args.input, args.label_column)
     logger.info(
-        "train: %d labelled rows (%d skipped: no label or no text)", len(data.texts), data.skipped
+        "train: %d labelled rows (%d skipped: no label or no text)", data.rows, data.skipped
     )
     with (
         _ray(args.address, args.num_cpus, dashboard=True),
@@ -458,17 +458,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.output import check_replaceable
     from pipelines.plan import plan_ensemble
     from pipelines.storage import Location
+    from pipelines.tagging_evaluation import check_tagged_input, render_tagging_report
 
     plan = plan_ensemble(load_config(args.config))
-    check_labelled_input(plan, args.input, args.label_column, "evaluate")
+    tagged = plan.task.takes_words
+    if tagged:
+        check_tagged_input(plan, args.input, args.label_column)
+    else:
+        check_labelled_input(plan, args.input, args.label_column, "evaluate")
     # The scored set is replaced on each run, and only if it is an output of ours.
     check_replaceable(Location.of(args.report).join(SCORED_DIR), "--report")
     with _ray(args.address, args.num_cpus):
         metrics = evaluate(
             plan, args.input, args.label_column, args.report, cpu_fallback=_local(args.address)
         )
-    print(render_report(metrics))  # the report is the command's output, on stdout
-    logger.info("evaluate: %d rows; report in %s/report.md", metrics["rows"], args.report)
+    # The report is the command's output, on stdout.
+    print(render_tagging_report(metrics) if tagged else render_report(metrics))
+    logger.info(
+        "evaluate: %d rows; report in %s/report.md",
+        metrics["sentences" if tagged else "rows"],
+        args.report,
+    )
     return EXIT_OK
 
 

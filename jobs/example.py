@@ -15,7 +15,14 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["build_classifier", "build_tokenizer", "make_texts", "write_example"]
+__all__ = [
+    "build_bpe_tokenizer",
+    "build_classifier",
+    "build_tagger",
+    "build_tokenizer",
+    "make_texts",
+    "write_example",
+]
 
 WORDS = (
     "the a an and or but not no very really quite so too this that it is was be been are "
@@ -115,6 +122,86 @@ def build_classifier(
 
     cls = getattr(transformers, get_task(task).hf_model_class)
     model = cls.from_config(config)
+    model.eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+def build_bpe_tokenizer(path: str | Path, *, words: Sequence[str] = WORDS, vocab_size: int = 400):
+    """A byte-level BPE tokenizer (RoBERTa's kind) trained on sentences of ``words``: it
+    splits words differently from :func:`build_tokenizer` and keeps spaces in its tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), trim_offsets=True
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_tagger(
+    path: str | Path,
+    *,
+    tags: Sequence[str],
+    tokenizer: str = "wordpiece",
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    initializer_range: float = 0.5,
+) -> Path:
+    """Save a randomly initialised ``BertForTokenClassification`` with ``tags`` as its
+    labels, and its tokenizer: ``wordpiece`` (:func:`build_tokenizer`) or ``bpe``
+    (:func:`build_bpe_tokenizer`)."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    path = Path(path)
+    if tokenizer == "wordpiece":
+        tok = build_tokenizer(path)
+    elif tokenizer == "bpe":
+        tok = build_bpe_tokenizer(path)
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}: wordpiece | bpe")
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        num_labels=len(tags),
+        id2label=dict(enumerate(tags)),
+        label2id={t: i for i, t in enumerate(tags)},
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=512,
+        initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    model = BertForTokenClassification(config)
     model.eval()
     model.save_pretrained(str(path))
     return path

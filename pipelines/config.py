@@ -109,6 +109,20 @@ class InputConfig(_Strict):
         description="Text is cut to this many characters before tokenising (tokens past "
         "max_length are dropped anyway), so one giant row cannot blow up a member's memory.",
     )
+    words_column: str | None = Field(
+        None,
+        min_length=1,
+        description="token_classification: a list<string> column of pre-split words (as "
+        "CoNLL data comes). Set, text_column is not read; unset, the words are the text "
+        r"split by re.finditer(r'\w+|[^\w\s]', text).",
+    )
+
+    @property
+    def text_columns(self) -> list[str]:
+        """The string columns the scorer reads (none when the words come pre-split)."""
+        if self.words_column:
+            return []
+        return [c for c in (self.text_column, self.text_pair_column) if c]
 
 
 class TrainConfig(_Strict):
@@ -180,6 +194,18 @@ class MemberConfig(_Strict):
         256, ge=1, description="Longer inputs are truncated to this many tokens."
     )
     batch_size: int = Field(64, ge=1, description="Most rows per forward pass.")
+    aggregation: Literal["first", "average", "max"] | None = Field(
+        None,
+        description="token_classification: a word's logits from its sub-tokens': the first "
+        "one's (default), their mean, or their element-wise max.",
+    )
+    stride: int | None = Field(
+        None,
+        ge=0,
+        description="token_classification: a text longer than max_length tokens is scored in "
+        "windows that overlap by this many tokens (default: max_length // 4); each word "
+        "reads the window where it is furthest from an edge.",
+    )
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
@@ -405,6 +431,23 @@ class EnsembleConfig(_Strict):
             raise ValueError("members[*].weight: at least one member needs a weight above 0")
         if self.input.text_pair_column == self.input.text_column:
             raise ValueError("input.text_pair_column must differ from input.text_column")
+        task = get_task(self.task)
+        if self.input.words_column and not task.takes_words:
+            raise ValueError(
+                f"input.words_column: pre-split words are for token_classification "
+                f"ensembles, not {self.task}; remove the key"
+            )
+        if not task.takes_words:
+            keyed = [
+                f"members[{i}] ({m.name}).{key}"
+                for i, m in enumerate(self.members)
+                for key in ("aggregation", "stride")
+                if getattr(m, key) is not None
+            ]
+            if keyed:
+                raise ValueError(
+                    f"{', '.join(keyed)}: only for token_classification ensembles; remove it"
+                )
         return self
 
     def output_columns(self) -> list[str]:

@@ -203,10 +203,20 @@ def evaluate(
 ) -> dict:
     """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, metrics.csv,
     report.md
-    and the plots there. Ray must be running. Returns the metrics."""
-    check_single_label(plan, "evaluate")
+    and the plots there. Ray must be running. Returns the metrics.
+
+    A token_classification ensemble is evaluated on entities instead
+    (:func:`pipelines.tagging_evaluation.evaluate_tagging`)."""
+    if not plan.task.takes_words:
+        check_single_label(plan, "evaluate")
     cfg = plan.config
     report = Location.of(report_dir)
+    if plan.task.takes_words:
+        from pipelines.tagging_evaluation import evaluate_tagging
+
+        return evaluate_tagging(
+            plan, input_path, label_column, report_dir, cpu_fallback=cpu_fallback
+        )
     report.mkdir()
     if not cfg.reducer.output_members:
         # Member metrics need the members' distributions.

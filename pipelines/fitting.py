@@ -99,8 +99,14 @@ def label_indices(values: list, labels: list[str], label_column: str) -> np.ndar
 def check_labelled_input(
     plan: EnsemblePlan, input_path: str | Path, label_column: str, command: str
 ) -> InputFiles:
-    """Check the ensemble, the input and its labels before Ray starts; the checked files."""
+    """Check the ensemble, the input and its labels before Ray starts; the checked files.
+
+    A token_classification ensemble's label column holds each row's list of tags."""
     check_single_label(plan, command)
+    if plan.task.takes_words:
+        from pipelines.tagging_evaluation import check_tagged_input
+
+        return check_tagged_input(plan, input_path, label_column)
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
     require_column(files[0], fmt, columns, label_column, "--label-column")
@@ -144,9 +150,14 @@ def collect_member_outputs(
     ys: list = []
     outs: list[list[np.ndarray]] = [[] for _ in names]
     errors: list = []
+    tagged = plan.task.takes_words
+    skipped = 0
     with job_data_context():
         ds = build_dataset(plan, inputs, hosts=hosts, reduce=False).select_columns(keep)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if tagged:
+                skipped += _words_as_rows(batch, label_column, names, plan, ys, errors, outs)
+                continue
             ys.extend(batch.column(label_column).to_pylist())
             errors.extend(batch.column("error").to_pylist())
             for i, out in enumerate(member_outputs(batch, names)):
@@ -157,7 +168,40 @@ def collect_member_outputs(
     logits = [
         (np.concatenate(o) if o else np.empty((0, width)))[ok].astype(np.float64) for o in outs
     ]
-    return LabelledOutputs(names, logits, y[ok], int((~ok).sum()))
+    return LabelledOutputs(names, logits, y[ok], int((~ok).sum()) + skipped)
+
+
+def _words_as_rows(
+    batch: Any,
+    label_column: str,
+    names: list[str],
+    plan: EnsemblePlan,
+    ys: list,
+    errors: list,
+    outs: list[list[np.ndarray]],
+) -> int:
+    """A tagged window's words as rows of the fit (word-level NLL): each word's tag and
+    each member's aligned logits for it. Returns the sentences skipped (no tags, not
+    scored, or tags not as many as the words)."""
+    tags = batch.column(label_column).to_pylist()
+    row_errors = batch.column("error").to_pylist()
+    members = member_outputs(batch, names, plan.task)
+    skipped = 0
+    for r, (truth, err) in enumerate(zip(tags, row_errors, strict=True)):
+        per_member = [m[r] for m in members]
+        if (
+            truth is None
+            or err is not None
+            or any(p is None for p in per_member)
+            or len(truth) != len(per_member[0])
+        ):
+            skipped += 1
+            continue
+        ys.extend(truth)
+        errors.extend([None] * len(truth))
+        for i, p in enumerate(per_member):
+            outs[i].append(np.asarray(p, dtype=np.float64))
+    return skipped
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -359,11 +403,18 @@ def calibrated(logits: list[np.ndarray], temperatures: list[float]) -> np.ndarra
 
 
 def choose_combination(
-    member_probs: np.ndarray, y: np.ndarray, labels: list[str], names: list[str], method: str
+    member_probs: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    names: list[str],
+    method: str,
+    allowed: tuple[str, ...] | None = None,
 ) -> tuple[list[Candidate], str, list[float], StackingModel | None]:
     """The candidates' CV scores, and the winner fitted on every row: its name, its
     (shrunk) weights and, for stacking, its meta-model. ``member_probs``: calibrated."""
     methods = FIT_CANDIDATES if method == AUTO else (method,)
+    if allowed is not None:
+        methods = tuple(m for m in methods if m in allowed)
     candidates = compare_combinations(member_probs, y, labels, names, methods)
     if not candidates:
         raise InputError(
@@ -386,8 +437,9 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
     Weights are shrunk toward equal weights by the share CV picks."""
     cfg = plan.config
-    if method not in (AUTO, *FIT_CANDIDATES):
-        raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *FIT_CANDIDATES]}")
+    offered = tuple(c for c in FIT_CANDIDATES if c in plan.task.combine_methods)
+    if method not in (AUTO, *offered):
+        raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *offered]}")
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
@@ -398,7 +450,7 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     temps = [fit_temperature(z, y) for z in data.logits]
     after = calibrated(data.logits, temps)
     candidates, chosen, weights, model = choose_combination(
-        after, y, list(cfg.labels), data.names, method
+        after, y, list(cfg.labels), data.names, method, offered
     )
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen, model, y)

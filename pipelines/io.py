@@ -794,7 +794,7 @@ def check_input(
     renamed or never reach the output).
     """
     files, fmt, root, listed = _list_inputs(input_path)
-    text_columns = [c for c in (cfg.input.text_column, cfg.input.text_pair_column) if c]
+    text_columns = cfg.input.text_columns
     facts, unreadable = _inspect_all(files, fmt, root, text_columns)
     if unreadable:
         raise InputError(
@@ -812,13 +812,15 @@ def check_input(
             f"--input: {len(duplicated)} file(s) repeat column names: {_preview(duplicated, 5)}; "
             "give each column its own name (a repeated name would hide one of the columns)"
         )
-    text = cfg.input.text_column
+    text, fix = cfg.input.text_column, "; set input.text_column in the config"
+    if cfg.input.words_column:
+        text, fix = cfg.input.words_column, "; set input.words_column in the config"
+        # The words given are the output's `words`: the same lists under the same name.
+        allow = (*allow, text)
     produced = set(cfg.output_columns())
     internal = _internal_names(cfg)
     for path, f in zip(files, known, strict=True):
-        require_column(
-            path, fmt, f.columns, text, "--input", "; set input.text_column in the config"
-        )
+        require_column(path, fmt, f.columns, text, "--input", fix)
         clash = [
             c
             for c in f.columns
@@ -1014,14 +1016,25 @@ def _json_type(col: str, names: list[str], facts: list[_Facts]) -> pa.DataType:
 # --- rows ----------------------------------------------------------------------------------
 
 
-def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | None) -> pa.Table:
-    """Add the ``error`` column: why a row cannot be scored, or null. No row is dropped."""
+def validate_rows(
+    batch: pa.Table,
+    *,
+    text_column: str,
+    text_pair_column: str | None,
+    words_column: str | None = None,
+) -> pa.Table:
+    """Add the ``error`` column: why a row cannot be scored, or null. No row is dropped.
+
+    With ``words_column``, that column's lists of words are checked instead of the text."""
     n = batch.num_rows
     errors: list[str | None] = (
         batch.column(READ_ERROR_COLUMN).to_pylist()
         if READ_ERROR_COLUMN in batch.column_names
         else [None] * n
     )
+    if words_column:
+        _check_words(batch, words_column, errors)
+        text_column, text_pair_column = "", None
     for col in filter(None, (text_column, text_pair_column)):
         if col not in batch.column_names:
             values: list = [None] * n
@@ -1046,6 +1059,31 @@ def validate_rows(batch: pa.Table, *, text_column: str, text_pair_column: str | 
     if READ_ERROR_COLUMN in batch.column_names:
         batch = batch.drop_columns([READ_ERROR_COLUMN])
     return batch.append_column("error", pa.array(errors, type=pa.string()))
+
+
+def word_list_error(value: object, col: str) -> str | None:
+    """Why ``value`` is not a list of words, or None."""
+    if value is None:
+        return f"'{col}' is null"
+    if not isinstance(value, (list, tuple)):
+        return f"'{col}' is {_describe(value)}, expected a list of words (strings)"
+    if not value:
+        return f"'{col}' is empty"
+    for i, word in enumerate(value):
+        if not isinstance(word, str) or not word.strip():
+            what = "empty" if isinstance(word, str) else _describe(word)
+            return f"'{col}'[{i}] is {what}, expected a word (a non-blank string)"
+    return None
+
+
+def _check_words(batch: pa.Table, col: str, errors: list[str | None]) -> None:
+    if col not in batch.column_names:
+        for i, e in enumerate(errors):
+            errors[i] = e or f"'{col}' is missing"
+        return
+    for i, value in enumerate(batch.column(col).to_pylist()):
+        if errors[i] is None:
+            errors[i] = word_list_error(value, col)
 
 
 # --- records that are rows but not text ----------------------------------------------------
@@ -1454,11 +1492,13 @@ def iter_blocks(
         yield _conform(table, schema, text_columns, id_column)
 
 
-def read_column(files: list[Location], fmt: str, column: str) -> list:
-    """One column of every input row, in input order (None where a row lacks it)."""
+def read_column(files: list[Location], fmt: str, column: str, *, as_text: bool = True) -> list:
+    """One column of every input row, in input order (None where a row lacks it).
+
+    ``as_text=False``: JSON values keep their types (a list of tags stays a list)."""
     values: list = []
     # Parquet keeps its types (labels may be numbers); its bytes are decoded, as text.
-    text = [] if fmt == "parquet" else [column]
+    text = [] if fmt == "parquet" or not as_text else [column]
     for path in files:
         for table in iter_blocks(path, fmt, 65536, text):
             if column in table.column_names:
@@ -1518,12 +1558,15 @@ class _Reader:
     rename: Mapping[str, str]
     block_rows: int
     block_bytes: int
+    words_column: str | None = None
 
     def tables(
         self, index: int, path: Location, name: str, skip: np.ndarray | None, count: list[int]
     ) -> Iterator[pa.Table]:
         """One file's validated blocks with ids and helper columns; rows it read in ``count``."""
         text_columns = [c for c in (self.text_column, self.text_pair_column) if c]
+        if self.words_column:
+            text_columns = []
         start = 0
         blocks = iter_blocks(
             path,
@@ -1556,7 +1599,10 @@ class _Reader:
                 table = table.rename_columns([self.rename.get(c, c) for c in table.column_names])
             table = self._with_ids(table, name, int(rows[0]))
             table = validate_rows(
-                table, text_column=self.text_column, text_pair_column=self.text_pair_column
+                table,
+                text_column=self.text_column,
+                text_pair_column=self.text_pair_column,
+                words_column=self.words_column,
             )
             table = table.append_column(FILE_COLUMN, pa.array(np.full(n, index, np.int32)))
             table = table.append_column(ROW_COLUMN, pa.array(rows))
@@ -1648,6 +1694,7 @@ class InputDatasource(Datasource):
         id_column: str,
         text_column: str,
         text_pair_column: str | None = None,
+        words_column: str | None = None,
         rename: Mapping[str, str] | None = None,
         skip: Mapping[str, np.ndarray] | None = None,
         counts_dir: Location | None = None,
@@ -1669,6 +1716,7 @@ class InputDatasource(Datasource):
             dict(rename or {}),
             block_rows or BLOCK_ROWS,
             block_bytes or BLOCK_BYTES,
+            words_column,
         )
         self.skip = dict(skip or {})
         self.counts_dir = counts_dir

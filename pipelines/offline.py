@@ -175,6 +175,7 @@ def build_dataset(
         id_column=cfg.input.id_column,
         text_column=cfg.input.text_column,
         text_pair_column=cfg.input.text_pair_column,
+        words_column=cfg.input.words_column,
         rename=rename,
         skip=skip,
         counts_dir=counts_dir,

@@ -39,15 +39,26 @@ class TrainSet:
     pairs: list[str] | None
     y: np.ndarray
     skipped: int
+    # Token classification: per row, its pre-split words (else the texts are split) and
+    # a label index per word.
+    words: list[list[str]] | None = None
+    tags: list[list[int]] | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.tags) if self.tags is not None else len(self.texts)
 
 
 def read_train_set(cfg: EnsembleConfig, input_path: str | Path, label_column: str) -> TrainSet:
     """The labelled rows, checked before Ray starts: unknown labels are a usage error;
     rows with no label or no usable text are skipped (and counted)."""
-    if not get_task(cfg.task).trainable:
+    task = get_task(cfg.task)
+    if not task.trainable:
         raise ConfigError(f"`ray-ensemble train` trains classifiers; this ensemble is {cfg.task}")
     files, fmt, _ = list_input_files(input_path)
     columns = peek_columns(files[0], fmt)
+    if task.takes_words:
+        return _read_tagged_set(cfg, files, fmt, columns, label_column)
     text, pair = cfg.input.text_column, cfg.input.text_pair_column
     for col, flag in ((text, "input.text_column"), (label_column, "--label-column")):
         require_column(files[0], fmt, columns, col, flag)
@@ -73,16 +84,71 @@ def read_train_set(cfg: EnsembleConfig, input_path: str | Path, label_column: st
     )
 
 
+def _read_tagged_set(
+    cfg: EnsembleConfig, files: list, fmt: str, columns: list[str], label_column: str
+) -> TrainSet:
+    """A tagger's rows: words (``input.words_column``, or the text to split) and, in
+    ``label_column``, one tag per word. Rows whose tags are not as many as their words
+    are skipped (and counted)."""
+    from actors.tasks.token_classification import split_words
+    from pipelines.io import word_list_error
+
+    words_column = cfg.input.words_column
+    source = words_column or cfg.input.text_column
+    flag = "input.words_column" if words_column else "input.text_column"
+    for col, why in ((source, flag), (label_column, "--label-column")):
+        require_column(files[0], fmt, columns, col, why)
+    values = read_column(files, fmt, source, as_text=not words_column)
+    tag_lists = read_column(files, fmt, label_column, as_text=False)
+    lookup = {t.lower(): i for i, t in enumerate(cfg.labels)}
+    texts: list[str] = []
+    words: list[list[str]] = []
+    tags: list[list[int]] = []
+    for i, (value, truth) in enumerate(zip(values, tag_lists, strict=True)):
+        if not isinstance(truth, list):
+            continue
+        unknown = [t for t in truth if str(t).lower() not in lookup]
+        if unknown:
+            raise InputError(
+                f"--label-column {label_column}: row {i} has tags {unknown[:3]} that are not "
+                f"in the ensemble's labels {cfg.labels}; fix the data or the config's labels"
+            )
+        if words_column:
+            if word_list_error(value, words_column) is not None:
+                continue
+            count = len(value)
+        else:
+            if not isinstance(value, str) or not value.strip():
+                continue
+            count = len(split_words(value)[0])
+        if count != len(truth):
+            continue
+        (words.append(list(value)) if words_column else texts.append(value))
+        tags.append([lookup[str(t).lower()] for t in truth])
+    if not tags:
+        raise InputError(
+            f"--input: no row has words and as many tags in '{label_column}' (one per word of "
+            f"{'input.words_column' if words_column else 'the split text'})"
+        )
+    return TrainSet(
+        texts,
+        None,
+        np.zeros(0, dtype=np.int64),
+        len(values) - len(tags),
+        words=words if words_column else None,
+        tags=tags,
+    )
+
+
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
     import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
+    import transformers
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from actors.tasks.token_classification import training_batch
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads"])
@@ -98,12 +164,16 @@ def _train_loop(config: dict) -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
-    model = AutoModelForSequenceClassification.from_pretrained(
+    auto = getattr(transformers, config["model_class"])
+    model = auto.from_pretrained(
         config["base_model"],
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         trust_remote_code=config["trust_remote_code"],
+        # A base checkpoint with a head for other labels (a tagger of another tag set)
+        # gets a new head for the ensemble's.
+        ignore_mismatched_sizes=True,
         **extra,
     )
     if config["freeze_encoder"]:
@@ -131,6 +201,7 @@ def _train_loop(config: dict) -> None:
     )
     shard = ray.train.get_dataset_shard("train")
     has_pair = config["has_pair"]
+    tagging, given = config["tagging"], config["given_words"]
     step, epoch, started = 0, 0, time.perf_counter()
     report_every = max(1, total_steps // 10)
     model.train()
@@ -142,16 +213,30 @@ def _train_loop(config: dict) -> None:
             local_shuffle_buffer_size=max(4 * batch_size, 256),
             local_shuffle_seed=config["seed"] + epoch,
         ):
-            enc = tokenizer(
-                list(batch["text"]),
-                list(batch["text_pair"]) if has_pair else None,
-                truncation=True,
-                max_length=config["max_length"],
-                padding=True,
-                return_tensors="pt",
-            )
+            if tagging:
+                # Each word's tag on its first sub-token, -100 (no loss) on the rest.
+                rows = [list(w) for w in batch["words"]] if given else list(batch["text"])
+                inputs, labels = training_batch(
+                    tokenizer,
+                    rows,
+                    [list(y) for y in batch[LABEL_COLUMN]],
+                    config["max_length"],
+                    given=given,
+                )
+                enc = {k: torch.tensor(v) for k, v in inputs.items()}
+                target = torch.tensor(labels, dtype=torch.long)
+            else:
+                enc = tokenizer(
+                    list(batch["text"]),
+                    list(batch["text_pair"]) if has_pair else None,
+                    truncation=True,
+                    max_length=config["max_length"],
+                    padding=True,
+                    return_tensors="pt",
+                )
+                target = torch.tensor(batch[LABEL_COLUMN], dtype=torch.long)
             with autocast:
-                out = model(**enc, labels=torch.tensor(batch[LABEL_COLUMN], dtype=torch.long))
+                out = model(**enc, labels=target)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -203,13 +288,20 @@ def train_member(
     spec = member.train
     assert spec is not None
     rng = np.random.default_rng(spec.seed)
-    index = np.arange(len(data.texts))
+    index = np.arange(data.rows)
     if spec.max_examples is not None and spec.max_examples < len(index):
         index = np.sort(rng.choice(index, size=spec.max_examples, replace=False))
-    columns = {
-        "text": pa.array([data.texts[i] for i in index], pa.string()),
-        LABEL_COLUMN: pa.array(data.y[index], pa.int64()),
-    }
+    if data.tags is not None:
+        columns = {LABEL_COLUMN: pa.array([data.tags[i] for i in index], pa.list_(pa.int64()))}
+        if data.words is not None:
+            columns["words"] = pa.array([data.words[i] for i in index], pa.list_(pa.string()))
+        else:
+            columns["text"] = pa.array([data.texts[i] for i in index], pa.string())
+    else:
+        columns = {
+            "text": pa.array([data.texts[i] for i in index], pa.string()),
+            LABEL_COLUMN: pa.array(data.y[index], pa.int64()),
+        }
     if data.pairs is not None:
         columns["text_pair"] = pa.array([data.pairs[i] for i in index], pa.string())
     cluster = ray.cluster_resources()
@@ -246,6 +338,9 @@ def train_member(
             "max_length": member.max_length,
             "rows": len(index),
             "has_pair": data.pairs is not None,
+            "tagging": data.tags is not None,
+            "given_words": data.words is not None,
+            "model_class": get_task(cfg.task).hf_model_class,
             "threads": max(1, math.ceil(cpus - 1e-9)),
             "trust_remote_code": member.trust_remote_code,
         },

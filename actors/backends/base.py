@@ -217,6 +217,16 @@ class TokenizedBackend:
     ) -> dict[str, list[list[int]]]:
         return self._encoder.encode(texts, pairs)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer, for calls ``encode`` does not cover (offsets,
+        windows); call it under :attr:`tokenizer_lock`."""
+        return self._encoder.tokenizer
+
+    @property
+    def tokenizer_lock(self) -> Any:
+        return self._encoder._lock
+
 
 class TorchDevice:
     """What torch backends share on the way to and from their device.
@@ -240,8 +250,15 @@ class TorchDevice:
         return out
 
     def to_host(self, outputs: Sequence[torch.Tensor]) -> np.ndarray:
-        """The outputs of a window's passes, one ``(b, k)`` float32 array."""
+        """The outputs of a window's passes, one ``(b, k)`` float32 array (per-token
+        ``(b, t, k)`` outputs padded with NaN to the longest pass)."""
         torch = self._torch
+        if len(outputs) > 1 and outputs[0].dim() == 3:
+            width = max(o.shape[1] for o in outputs)
+            outputs = [
+                torch.nn.functional.pad(o.float(), (0, 0, 0, width - o.shape[1]), value=np.nan)
+                for o in outputs
+            ]
         joined = outputs[0] if len(outputs) == 1 else torch.cat([o.float() for o in outputs])
         return joined.float().cpu().numpy()
 

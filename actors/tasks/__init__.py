@@ -10,6 +10,7 @@ from __future__ import annotations
 from actors.tasks.base import HeadInfo, HeadMismatch, MemberSpec, OutputField, Scored, Task
 from actors.tasks.classification import ClassificationTask
 from actors.tasks.embedding import EmbeddingTask
+from actors.tasks.token_classification import TokenClassificationTask
 
 __all__ = [
     "TASKS",
@@ -24,7 +25,9 @@ __all__ = [
 ]
 
 # The registry: the config key `task` takes these names.
-TASKS: dict[str, Task] = {t.name: t for t in (ClassificationTask(), EmbeddingTask())}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (ClassificationTask(), EmbeddingTask(), TokenClassificationTask())
+}
 
 
 def get_task(name: str) -> Task:

@@ -169,6 +169,8 @@ class Task:
     # The ensemble field holding one vector per text, which OpenAI-style /v1/embeddings
     # serves; None for a task that gives no embeddings.
     vector_field: str | None = None
+    # Whether the task tags words (input.words_column, the members' aggregation and stride).
+    takes_words: bool = False
 
     @property
     def default_combine(self) -> str:
@@ -222,6 +224,56 @@ class Task:
         """Values per row of :meth:`member_output` (for a window with no valid row)."""
         raise NotImplementedError
 
+    # --- the host's steps around the forward pass (one row, one pass by default) -------------
+
+    def encode_key(self, member: Any) -> object:
+        """Beyond the tokenizer, what makes two members encode a row differently."""
+        return None
+
+    def encode_rows(
+        self,
+        host: Any,
+        texts: Sequence[str] | None,
+        pairs: Sequence[str] | None,
+        words: Sequence[Sequence[str]] | None,
+    ) -> tuple[dict[str, list[list[int]]], Any]:
+        """The token ids the member's forward passes run on, and what :meth:`finish_rows`
+        needs to turn their outputs back into rows."""
+        return host.encode(texts, pairs), None
+
+    def finish_rows(
+        self,
+        raw: Any,
+        prepared: Any,
+        host: Any,
+        window_failed: dict[int, str],
+        failed: dict[int, str],
+    ) -> Any:
+        """The member's outputs per row from those per encoded sequence; sequences that
+        failed (``window_failed``) make their rows fail (``failed``)."""
+        failed.update(window_failed)
+        return raw
+
+    def member_column(
+        self, values: Any, rows: np.ndarray, valid: np.ndarray, n: int, width: int
+    ) -> pa.Array:
+        """The host's ``__member__<name>`` column: ``values`` for ``rows`` of ``n``."""
+        full = np.full((n, width), np.nan, dtype=np.float32)
+        full[rows] = values
+        full[~valid] = np.nan
+        return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
+
+    def concat_outputs(self, parts: Sequence[Any]) -> Any:
+        """A member's outputs for several groups of rows, as one (online batches)."""
+        return np.concatenate(parts)
+
+    def read_member_column(self, column: pa.Array | pa.ChunkedArray) -> Any:
+        """The member's outputs back from :meth:`member_column`."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        width = column.type.list_size
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
     def reduce(
         self,
         outputs: Sequence[np.ndarray],
@@ -229,15 +281,17 @@ class Task:
         plan: EnsemblePlan,
         valid: np.ndarray | None = None,
         errors: Sequence[str | None] | None = None,
+        inputs: dict[str, list] | None = None,
     ) -> Scored:
         """The members' outputs (config order) to the ensemble's fields.
 
         ``errors``: why each row was not scored (None: score it); ``valid`` marks the rows
-        to score when no reasons are given. Invalid rows hold NaN or None."""
+        to score when no reasons are given. Invalid rows hold NaN or None. ``inputs``: the
+        rows' ``text`` and ``words`` (lists), for a task whose outputs quote its input."""
         errors = list(errors) if errors is not None else [None] * len(outputs[0])
         if valid is None:
             valid = np.array([e is None for e in errors], dtype=bool)
-        return self._reduce(outputs, plan, np.array(valid, dtype=bool), errors)
+        return self._reduce(outputs, plan, np.array(valid, dtype=bool), errors, inputs)
 
     def _reduce(
         self,
@@ -245,6 +299,7 @@ class Task:
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        inputs: dict[str, list] | None = None,
     ) -> Scored:
         raise NotImplementedError
 

@@ -212,6 +212,7 @@ class ClassificationTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        inputs: dict[str, list] | None = None,
     ) -> Scored:
         cfg = plan.config
         red = reduce_classification(

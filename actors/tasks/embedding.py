@@ -84,6 +84,7 @@ class EmbeddingTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        inputs: dict[str, list] | None = None,
     ) -> Scored:
         cfg = plan.config
         weights = [m.weight for m in cfg.members]

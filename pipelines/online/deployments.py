@@ -49,7 +49,8 @@ LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 HANDLE_OPTIONS: dict[str, Any] = {"_prefer_local_routing": True}
 
 # A chunk is texts plus their pairs (None when they have none), at most max_batch_size.
-Chunk = tuple[list[str], list[str] | None]
+# A tagger's input given as pre-split words is a list of words in place of a text.
+Chunk = tuple[list[Any], list[str] | None]
 
 
 def _chunk_texts(chunks: list[Chunk]) -> int:
@@ -60,19 +61,23 @@ def _call_texts(calls: list[list[Chunk]]) -> int:
     return sum(_chunk_texts(call) for call in calls)
 
 
-def chunked(texts: list[str], pairs: list[str | None] | None, size: int) -> list[Chunk]:
-    """At most ``size`` texts per chunk, all with a pair or all without: texts with and
-    without a pair cannot share one tokenizer call."""
-    if pairs is None:
-        return [(texts[i : i + size], None) for i in range(0, len(texts), size)]
+def _kind(text: Any, pair: Any) -> int:
+    """0: a text; 1: a text with a pair; 2: pre-split words."""
+    return 2 if isinstance(text, list) else int(pair is not None)
+
+
+def chunked(texts: list[Any], pairs: list[str | None] | None, size: int) -> list[Chunk]:
+    """At most ``size`` texts per chunk, all of one kind (with a pair, without, or
+    pre-split words): inputs of different kinds cannot share one tokenizer call."""
+    pairs = pairs if pairs is not None else [None] * len(texts)
     chunks: list[Chunk] = []
     start = 0
     while start < len(texts):
-        has_pair = pairs[start] is not None
+        kind = _kind(texts[start], pairs[start])
         end = start
-        while end < len(texts) and end - start < size and (pairs[end] is not None) == has_pair:
+        while end < len(texts) and end - start < size and _kind(texts[end], pairs[end]) == kind:
             end += 1
-        chunks.append((texts[start:end], pairs[start:end] if has_pair else None))  # type: ignore[arg-type]
+        chunks.append((texts[start:end], pairs[start:end] if kind == 1 else None))  # type: ignore[arg-type]
         start = end
     return chunks
 
@@ -104,14 +109,17 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
 
     Chunks with and without a text pair cannot share one tokenizer call."""
     results: list[list[np.ndarray]] = [[] for _ in chunks]
-    for with_pair in (False, True):
-        idx = [i for i, (_, pairs) in enumerate(chunks) if (pairs is not None) == with_pair]
+    for kind in (0, 1, 2):
+        idx = [i for i, (texts, pairs) in enumerate(chunks) if _kind(texts[0], pairs) == kind]
         if not idx:
             continue
         texts = [t for i in idx for t in chunks[i][0]]
-        pairs = [p for i in idx for p in chunks[i][1]] if with_pair else None  # type: ignore[union-attr]
-        # The offline host's cut (input.max_chars), for the same answer both ways.
-        outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None)
+        pairs = [p for i in idx for p in chunks[i][1]] if kind == 1 else None  # type: ignore[union-attr]
+        if kind == 2:
+            outputs = host.infer(None, None, words=texts)
+        else:
+            # The offline host's cut (input.max_chars), for the same answer both ways.
+            outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None)
         start = 0
         for i in idx:
             end = start + len(chunks[i][0])
@@ -328,8 +336,15 @@ class EnsembleServer(HttpApi):
         """Each chunk's rows through the members and ``plan.task.reduce``, the reduce of
         an offline window, run once for the whole batch."""
         per_chunk = await self._forward(chunks)
-        outputs = [np.concatenate([outs[k] for outs in per_chunk]) for k in self.order]
-        scored = self.task.reduce(outputs, plan=self.plan)
+        outputs = [self.task.concat_outputs([outs[k] for outs in per_chunk]) for k in self.order]
+        inputs = None
+        if self.task.takes_words:
+            items = [t for texts, _ in chunks for t in texts]
+            inputs = {
+                "text": [None if isinstance(t, list) else t for t in items],
+                "words": [t if isinstance(t, list) else None for t in items],
+            }
+        scored = self.task.reduce(outputs, plan=self.plan, inputs=inputs)
         self._observe(scored)
         answers, start = [], 0
         for texts, _ in chunks:

@@ -57,12 +57,21 @@ class PairInput(BaseModel):
     text_pair: str | None = Field(None, description="Optional second segment (NLI, pairs).")
 
 
+class WordsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    words: list[str] = Field(
+        ..., description="Pre-split words (token_classification ensembles only)."
+    )
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str | PairInput] = Field(
+    inputs: list[str | PairInput | WordsInput] = Field(
         ...,
-        description="Texts, or {text, text_pair} objects; at most serve.max_inputs of them.",
+        description="Texts, {text, text_pair} objects, or (token_classification) "
+        "{words: [...]} objects; at most serve.max_inputs of them.",
         examples=[["a fine film", "a dull plot"]],
     )
 
@@ -120,7 +129,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "PairInput"):
+        elif part in ("str", "PairInput", "WordsInput"):
             continue  # union branch names say nothing to a client
         else:
             out += f".{part}" if out else str(part)
@@ -133,6 +142,11 @@ def _invalid_predict(exc: ValidationError) -> ApiError:
         loc = tuple(item["loc"])
         if "str" in loc and isinstance(item.get("input"), dict):
             continue
+        given = item.get("input")
+        if "WordsInput" in loc and not (isinstance(given, dict) and "words" in given):
+            continue
+        if "PairInput" in loc and isinstance(given, dict) and "words" in given:
+            continue
         msg = item["msg"]
         if item.get("type") == "string_unicode":  # a key or value pydantic cannot read
             msg = "a key or text holds a lone surrogate (not valid Unicode); send valid Unicode"
@@ -142,8 +156,13 @@ def _invalid_predict(exc: ValidationError) -> ApiError:
     return invalid("invalid body")
 
 
-def parse_predict(body: bytes, limits: ServeConfig) -> tuple[list[str], list[str | None]]:
+def parse_predict(
+    body: bytes, limits: ServeConfig, *, words: bool = False
+) -> tuple[list[str | list[str]], list[str | None]]:
     """The texts and pairs of a ``/v1/predict`` body, or an :class:`ApiError`.
+
+    ``words``: the task takes pre-split words; an input ``{"words": [...]}`` gives its
+    list in place of a text (else it is a 422).
 
     Sizes come first: the number of inputs is checked on the parsed list before pydantic
     sees an item, and a longer list is refused after reading ``max_inputs + 1`` of its
@@ -161,9 +180,24 @@ def parse_predict(body: bytes, limits: ServeConfig) -> tuple[list[str], list[str
         payload = PredictRequest.model_validate(doc)
     except ValidationError as exc:
         raise _invalid_predict(exc) from None
-    texts: list[str] = []
+    texts: list[str | list[str]] = []
     pairs: list[str | None] = []
     for i, item in enumerate(payload.inputs):
+        if isinstance(item, WordsInput):
+            if not words:
+                raise invalid(
+                    f"inputs[{i}]: pre-split words are for token_classification ensembles; "
+                    "send the text"
+                )
+            if not item.words:
+                raise invalid(f"inputs[{i}].words is empty")
+            for j, word in enumerate(item.words):
+                if not word.strip():
+                    raise invalid(f"inputs[{i}].words[{j}] is empty")
+            check_text(" ".join(item.words), f"inputs[{i}]: words", limits.max_text_chars)
+            texts.append(list(item.words))
+            pairs.append(None)
+            continue
         text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
         check_text(text, f"inputs[{i}]: text", limits.max_text_chars)
         if pair is not None:
@@ -333,8 +367,9 @@ class HttpApi:
     async def predict(self, request: Request) -> JSONResponse:
         """Score texts: the ensemble label, probabilities, uncertainty and each member.
 
-        Body: ``{"inputs": ["text", ...]}`` or ``{"inputs": [{"text", "text_pair"}]}``."""
-        texts, pairs = parse_predict(await request.body(), self.limits)
+        Body: ``{"inputs": ["text", ...]}`` or ``{"inputs": [{"text", "text_pair"}]}``;
+        token_classification also takes ``{"words": [...]}`` inputs."""
+        texts, pairs = parse_predict(await request.body(), self.limits, words=self.task.takes_words)
         scored = await self._scored(texts, pairs)
         return JSONResponse({"predictions": self.task.to_json(scored, self.cfg)})
 

@@ -516,12 +516,21 @@ def v2_tensors(
         datatype = by_name[name].v2_datatype
         values = np.asarray(columns[name])
         if datatype == "BYTES":
-            data = np.asarray(["" if v is None else str(v) for v in values.reshape(-1)], object)
+            # Per-row lists and objects (a tagger's words, tags, entities) travel as JSON.
+            data = np.asarray([_bytes_value(v) for v in values.reshape(-1)], object)
             data = data.reshape(values.shape)
         else:
             data = values.astype(V2_NUMPY[datatype])  # type: ignore[index]
         tensors.append(V2Tensor(name, datatype, data))  # type: ignore[arg-type]
     return tensors
+
+
+def _bytes_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, allow_nan=False)
+    return str(value)
 
 
 def _raw(tensor: V2Tensor) -> bytes:
