@@ -47,9 +47,9 @@ __all__ = [
 
 COMBINE_METHODS = tuple(dict.fromkeys(c for t in TASKS.values() for c in t.combine_methods))
 
-# Columns the scorer writes for some task; an input column with one of these names would
-# be overwritten (the declaration is the tasks' output fields).
-OUTPUT_COLUMNS, MEMBER_OUTPUT_PREFIXES = all_output_names()
+# Prefixes of the per-member columns the scorer writes for some task (the declaration is
+# the tasks' output fields): an input column starting with one is refused.
+_, MEMBER_OUTPUT_PREFIXES = all_output_names()
 
 
 class ConfigError(ValueError):

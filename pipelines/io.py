@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipelines.config import MEMBER_OUTPUT_PREFIXES, OUTPUT_COLUMNS, EnsembleConfig
+from pipelines.config import MEMBER_OUTPUT_PREFIXES, EnsembleConfig
 from pipelines.storage import Location, StorageError
 
 __all__ = [
@@ -825,7 +825,8 @@ def check_input(
             c
             for c in f.columns
             if c not in allow
-            and (c in produced or c in OUTPUT_COLUMNS or c.startswith(MEMBER_OUTPUT_PREFIXES))
+            # This task's columns only: a classification input may well hold `tags`.
+            and (c in produced or c.startswith(MEMBER_OUTPUT_PREFIXES))
         ]
         if clash:
             raise InputError(
