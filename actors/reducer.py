@@ -350,10 +350,15 @@ def reduce_classification(
     multi_label: bool,
     valid: np.ndarray | None = None,
     stacking: tuple[np.ndarray, np.ndarray] | None = None,
+    ran: np.ndarray | None = None,
 ) -> Reduced:
     """Everything after the members' forward passes: normalise, combine, label, uncertainty.
 
     ``method="stacking"`` needs ``stacking=(coef, intercept)`` of the meta-model.
+
+    ``ran``: ``(M, n)``, False where a member did not run for a row (a cascade stopped
+    before it, or its host was missing): its outputs there are left out of the
+    combination and the agreement, the weights renormalised over the members that ran.
 
     ``valid`` marks rows that were scored; other rows get NaN results. A valid row that
     a member returned non-finite logits for gets an error naming the member.
@@ -372,6 +377,9 @@ def reduce_classification(
         z = np.asarray(aligned_logits[i], dtype=np.float64)
         scored_labels = ~np.all(np.isnan(z), axis=0)
         bad = valid & ~np.all(np.isfinite(z[:, scored_labels]), axis=-1)
+        if ran is not None:
+            bad &= ran[i]
+            member_probs[i, ~ran[i]] = np.nan
         for row in np.flatnonzero(bad):
             errors[row] = f"member '{name}' returned non-finite logits"
         valid &= ~bad

@@ -351,6 +351,22 @@ class ServeConfig(_Strict):
         description="Replicas of the endpoint, each holding the members that share a host: "
         "a number, or {min, max} to autoscale.",
     )
+    member_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="How long the endpoint waits for a member host of its own (own_host, "
+        "whole GPUs), counted once the endpoint's own members have run; a host that has not "
+        "answered by then counts as missing for that batch. Default: no limit (only "
+        "request_timeout_s).",
+    )
+    min_members: int | None = Field(
+        None,
+        ge=1,
+        description="Quorum: the fewest members an answer may be made from. When a member "
+        "host fails or times out, the answer comes from the others, with members_missing; "
+        "below this count the request gets a 503 'unavailable'. A count of members, not a "
+        "weight share. Default: all members (no partial answers).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -405,6 +421,14 @@ class EnsembleConfig(_Strict):
             raise ValueError("members[*].weight: at least one member needs a weight above 0")
         if self.input.text_pair_column == self.input.text_column:
             raise ValueError("input.text_pair_column must differ from input.text_column")
+        quorum = self.serve.min_members
+        if quorum is not None and quorum > len(self.members):
+            raise ValueError(
+                f"serve.min_members: {quorum}, but the ensemble has {len(self.members)} "
+                f"members; use at most {len(self.members)}, or leave it out for all"
+            )
+        if quorum is not None and quorum < len(self.members):
+            get_task(self.task).check_partial(self, "serve.min_members below the member count")
         return self
 
     def output_columns(self) -> list[str]:

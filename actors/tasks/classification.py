@@ -3,7 +3,7 @@ class logits, aligned to the ensemble's labels and combined by the reducer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,14 @@ class ClassificationTask(Task):
                 "one with `ray-ensemble fit CONFIG --combine stacking ...`"
             )
 
+    def check_partial(self, cfg: Any, why: str) -> None:
+        # The other combinations renormalise the weights over the members present.
+        if cfg.reducer.combine == "stacking":
+            raise ValueError(
+                f"{why}: the stacking meta-model reads every member's output; use "
+                "weighted_mean or geometric_mean, or remove the setting"
+            )
+
     def member_spec(self, member: Any, head: HeadInfo, cfg: Any) -> MemberSpec:
         _check_head(head)
         # A model that names no labels (a plain module, a graph) gives the ensemble's.
@@ -212,6 +220,7 @@ class ClassificationTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        absent: Mapping[str, np.ndarray],
     ) -> Scored:
         cfg = plan.config
         red = reduce_classification(
@@ -223,6 +232,7 @@ class ClassificationTask(Task):
             multi_label=plan.multi_label,
             valid=valid,
             stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
+            ran=_ran(absent, cfg, len(valid)),
         )
         for i, err in enumerate(red.error):
             if err is not None:
@@ -249,6 +259,14 @@ class ClassificationTask(Task):
 
     def metrics(self, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return metrics(probs, y)
+
+
+def _ran(absent: Mapping[str, np.ndarray], cfg: Any, n: int) -> np.ndarray | None:
+    """``(M, n)``: whether each member ran for each row; None when all ran on all."""
+    if not absent:
+        return None
+    every = np.ones(n, dtype=bool)
+    return np.stack([~absent[m.name] if m.name in absent else every for m in cfg.members])
 
 
 def _check_head(head: HeadInfo) -> None:

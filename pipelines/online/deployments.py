@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.host import EnsembleHost
 from actors.tasks.base import Scored
-from pipelines.online.http import HttpApi, app, unavailable
+from pipelines.online.http import ApiError, HttpApi, app, unavailable
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
 __all__ = ["EnsembleServer", "HostServer", "app_builder", "build_app"]
@@ -216,6 +216,7 @@ class EnsembleServer(HttpApi):
         threads: int,
         handle_options: dict[str, Any] | None = None,
     ) -> None:
+        from ray.serve import metrics as serve_metrics
         from ray.util import metrics
 
         HttpApi.__init__(self, plan)
@@ -253,6 +254,15 @@ class EnsembleServer(HttpApi):
             description="Texts where some voting member's top label differs from the "
             "ensemble's; divide by ensemble_rows_total for the share.",
         )
+        # Served as ray_ensemble_partial_answers_total{member}.
+        self.partial = serve_metrics.Counter(
+            "ensemble_partial_answers_total",
+            description="Texts answered without a member whose host failed or did not "
+            "answer within serve.member_timeout_s (a quorum answer).",
+            tag_keys=("member",),
+        )
+        self.quorum = self.limits.min_members or len(self.cfg.members)
+        self.plan_specs = {spec.name: spec for spec in plan.specs}
 
     async def members_not_ready(self) -> list[str]:
         """Members on hosts of their own that do not answer yet. This replica's own
@@ -314,7 +324,7 @@ class EnsembleServer(HttpApi):
         try:
             return await self._run(chunks)
         except Exception as exc:
-            if len(chunks) == 1 or unavailable(exc):
+            if len(chunks) == 1 or unavailable(exc) or isinstance(exc, ApiError):
                 return [exc] * len(chunks)
         answers: list[Scored | BaseException] = []
         for chunk in chunks:
@@ -327,9 +337,13 @@ class EnsembleServer(HttpApi):
     async def _run(self, chunks: list[Chunk]) -> list[Scored]:
         """Each chunk's rows through the members and ``plan.task.reduce``, the reduce of
         an offline window, run once for the whole batch."""
-        per_chunk = await self._forward(chunks)
+        per_chunk, missing = await self._forward(chunks)
         outputs = [np.concatenate([outs[k] for outs in per_chunk]) for k in self.order]
-        scored = self.task.reduce(outputs, plan=self.plan)
+        n = len(outputs[0])
+        gone = {name: np.ones(n, dtype=bool) for name in missing}
+        scored = self.task.reduce(outputs, plan=self.plan, absent=gone, missing=gone)
+        for name in missing:
+            self.partial.inc(int(np.sum(scored.valid)), tags={"member": name})
         self._observe(scored)
         answers, start = [], 0
         for texts, _ in chunks:
@@ -337,17 +351,60 @@ class EnsembleServer(HttpApi):
             start += len(texts)
         return answers
 
-    async def _forward(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
-        """Per chunk, each member's outputs, local members first."""
+    async def _forward(self, chunks: list[Chunk]) -> tuple[list[list[np.ndarray]], list[str]]:
+        """Per chunk, each member's outputs, local members first (NaN for the members of
+        a host that failed or timed out); and those members, when a quorum still holds."""
         calls = [h.infer.remote(chunks) for _, h in self.remote]
         per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
         if self.host is not None:
             for i, outs in enumerate(await forward_chunks(self.host, chunks)):
                 per_chunk[i] += outs
-        for result in await asyncio.gather(*calls):
+        results = await asyncio.gather(
+            *(self._answer(names, c) for (names, _), c in zip(self.remote, calls, strict=True))
+        )
+        missing: list[str] = []
+        failures: list[BaseException] = []
+        for (names, _), result in zip(self.remote, results, strict=True):
+            if isinstance(result, BaseException):
+                missing += names
+                failures.append(result)
+        if missing and len(self.cfg.members) - len(missing) < self.quorum:
+            raise failures[0]
+        for (names, _), result in zip(self.remote, results, strict=True):
+            if isinstance(result, BaseException):
+                # A missing member's outputs: NaN rows, which the reduce leaves out.
+                widths = [self.task.output_width(self.plan_specs[m], self.cfg) for m in names]
+                result = [
+                    [np.full((len(texts), w), np.nan, np.float32) for w in widths]
+                    for texts, _ in chunks
+                ]
             for i, outs in enumerate(result):
                 per_chunk[i] += outs
-        return per_chunk
+        return per_chunk, missing
+
+    async def _answer(self, names: tuple[str, ...], call: Any) -> Any:
+        """A member host's answer, or why there is none: it failed, or did not answer
+        within ``serve.member_timeout_s``. A fault of the input is the request's."""
+        from actors.host import UnscorableText
+
+        timeout = self.limits.member_timeout_s
+        try:
+            return await asyncio.wait_for(call, timeout) if timeout else await call
+        except UnscorableText:
+            raise
+        except asyncio.TimeoutError:
+            call.cancel()
+            logger.warning("members %s did not answer within %ss", list(names), timeout)
+            return ApiError(
+                503,
+                f"members {list(names)} did not answer within serve.member_timeout_s "
+                f"({timeout}s) and the rest are fewer than serve.min_members ({self.quorum}); "
+                "retry later",
+                "unavailable",
+            )
+        except Exception as exc:
+            logger.warning("members %s failed: %s: %s", list(names), type(exc).__name__, exc)
+            return exc
 
 
 EnsembleDeployment = serve.deployment(serve.ingress(app)(EnsembleServer), name="ensemble")
