@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -39,6 +39,7 @@ from actors.tasks.base import EnsemblePlan
 from pipelines.storage import local_member
 
 __all__ = [
+    "CASCADE_STATE",
     "CPU_BATCH_TOKENS",
     "GPU_BATCH_TOKENS",
     "LABELS_METADATA_KEY",
@@ -347,6 +348,7 @@ class EnsembleHost:
         if unknown:
             raise ValueError(f"members {unknown} are not in the ensemble")
         self.plan = plan
+        self.task = plan.task
         self.reduce = len(names) == len(cfg.members) if reduce is None else reduce
         self.text_column = cfg.input.text_column
         self.pair_column = cfg.input.text_pair_column
@@ -393,23 +395,30 @@ class EnsembleHost:
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         failed: dict[int, str] | None = None,
+        only: Collection[str] | None = None,
     ) -> list[np.ndarray]:
         """Each member's outputs for valid, already cut texts, in member order.
 
-        A text too long for a member's device: with ``failed``, its index and reason go
-        there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
+        ``only``: run just these members (a cascade's stage); the others' outputs are
+        NaN. A text too long for a member's device: with ``failed``, its index and reason
+        go there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
         Safe to call from several threads at once (one window tokenising while another
         is on the device)."""
         outputs: list[np.ndarray] = [np.empty(0)] * len(self.members)
         lost: dict[int, str] = {} if failed is None else failed
+        cfg = self.plan.config
         for indices in self.groups.values():
+            run = [i for i in indices if only is None or self.members[i].member.name in only]
+            for i in set(indices) - set(run):
+                width = self.task.output_width(self.members[i].spec, cfg)
+                outputs[i] = np.full((len(texts), width), np.nan, dtype=np.float32)
+            if not run:
+                continue
             try:
-                encoded = (
-                    self.members[indices[0]].encode(texts, pairs) if texts else {"input_ids": []}
-                )
+                encoded = self.members[run[0]].encode(texts, pairs) if texts else {"input_ids": []}
             except Exception as exc:
                 raise UnscorableText(f"{type(exc).__name__}: {exc}") from exc
-            for i in indices:
+            for i in run:
                 started = time.perf_counter()
                 outputs[i] = self.members[i].run_encoded(encoded, lost)
                 if self.observe is not None:
@@ -420,14 +429,84 @@ class EnsembleHost:
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(valid)
-        taken = pa.array(rows)
+        if self.plan.config.cascade is not None:
+            batch = self._cascade(batch)
+        else:
+            batch = self._all_rows(batch)
+        if self.reduce:
+            batch = reduce_batch(batch, plan=self.plan)
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows)
+        return batch
+
+    def _texts(self, batch: pa.Table, rows: np.ndarray) -> tuple[list[str], list[str] | None]:
+        taken = pa.array(rows, pa.int64())
         texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
         pairs = None
         if self.pair_column:
             pairs = self.cut(batch.column(self.pair_column).take(taken)).to_pylist()
+        return texts, pairs
+
+    def _cascade(self, batch: pa.Table) -> pa.Table:
+        """This host's members, stage by stage, each on the rows still open; the stages
+        a row ran travel in :data:`CASCADE_STATE` to later hosts and the reduce.
+
+        Rows that stopped before a stage never reach its members; a stage's exit is
+        decided as soon as every member of it and of the stages before has run, here or
+        on an earlier host."""
+        cfg = self.plan.config
+        cascade = cfg.cascade
+        n = batch.num_rows
+        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False).copy()
+        errors = batch.column("error").to_pylist()
+        if CASCADE_STATE in batch.column_names:
+            state = batch.column(CASCADE_STATE).to_numpy(zero_copy_only=False).astype(np.int64)
+            batch = batch.drop_columns([CASCADE_STATE])
+        else:
+            state = np.zeros(n, dtype=np.int64)
+        known = [m.name for m in cfg.members if member_output_column(m.name) in batch.column_names]
+        outputs = dict(zip(known, member_outputs(batch, known), strict=True))
+        held = {m.member.name: m for m in self.members}
+        for name, member in held.items():
+            width = self.task.output_width(member.spec, cfg)
+            outputs[name] = np.full((n, width), np.nan, dtype=np.float32)
+        for s, stage in enumerate(cascade.stages):
+            here = [m for m in stage if m in held]
+            if here:
+                before = [m for earlier in cascade.stages[:s] for m in earlier]
+                if any(m not in outputs for m in before):
+                    raise RuntimeError(
+                        f"cascade stage {s + 1} runs before the members of an earlier stage "
+                        f"({[m for m in before if m not in outputs]}); the hosts are out of order"
+                    )
+                rows = np.flatnonzero(valid & (state == 0))
+                texts, pairs = self._texts(batch, rows)
+                failed: dict[int, str] = {}
+                values = self.infer(texts, pairs, failed, only=here)
+                for i, member in enumerate(self.members):
+                    if member.member.name in here:
+                        outputs[member.member.name][rows] = values[i]
+                for i, reason in failed.items():
+                    # A row no device pass could hold is an error row, like bad input.
+                    errors[int(rows[i])] = reason
+                    valid[rows[i]] = False
+            done = [m for earlier in cascade.stages[: s + 1] for m in earlier]
+            if s < len(cascade.exit_at) and all(m in outputs for m in done):
+                close_stage(self.plan, outputs, state, valid, s)
+        for name in held:
+            full = outputs[name]
+            full[~valid] = np.nan
+            column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), full.shape[1])
+            batch = batch.append_column(member_output_column(name), column)
+        index = batch.schema.get_field_index("error")
+        batch = batch.set_column(index, "error", pa.array(errors, batch.schema.field("error").type))
+        return batch.append_column(CASCADE_STATE, pa.array(state, pa.int32()))
+
+    def _all_rows(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(valid)
+        texts, pairs = self._texts(batch, rows)
         failed: dict[int, str] = {}
         outputs = self.infer(texts, pairs, failed)
         if failed:
@@ -447,11 +526,44 @@ class EnsembleHost:
             full[~valid] = np.nan
             column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), width)
             batch = batch.append_column(member_output_column(member.member.name), column)
-        if self.reduce:
-            batch = reduce_batch(batch, plan=self.plan)
-        if self.progress is not None:
-            self.progress.add.remote(n)
         return batch
+
+
+# Between hosts of a cascade: each row's stage count, 0 while it is still open.
+CASCADE_STATE = "__cascade_stage__"
+
+
+def close_stage(
+    plan: EnsemblePlan,
+    outputs: dict[str, np.ndarray],
+    state: np.ndarray,
+    valid: np.ndarray,
+    stage: int,
+) -> None:
+    """After ``stage`` (0-based): rows still open whose ensemble so far puts at least
+    ``exit_at[stage]`` on its top label stop there (``state`` becomes ``stage + 1``).
+
+    Deciding again is harmless: a row that did not stop does not stop on the same
+    outputs, so a later host may repeat an earlier host's decision."""
+    cascade = plan.config.cascade
+    members = [m for earlier in cascade.stages[: stage + 1] for m in earlier]
+    rows = np.flatnonzero(valid & (state == 0))
+    if rows.size == 0:
+        return
+    top = plan.task.exit_scores({m: outputs[m][rows] for m in members}, plan, members)
+    stop = np.nan_to_num(top, nan=-1.0) >= cascade.exit_at[stage]
+    state[rows[stop]] = stage + 1
+
+
+def cascade_absent(plan: EnsemblePlan, stages_run: np.ndarray) -> dict[str, np.ndarray]:
+    """Per member, the rows a cascade stopped before it reached the member's stage."""
+    cascade = plan.config.cascade
+    return {m.name: cascade.stage_of(m.name) >= stages_run for m in plan.config.members}
+
+
+def final_stages(plan: EnsemblePlan, state: np.ndarray) -> np.ndarray:
+    """The stages each row ran, once every host has: a row still open ran them all."""
+    return np.where(state == 0, len(plan.config.cascade.stages), state)
 
 
 def member_outputs(batch: pa.Table, names: list[str]) -> list[np.ndarray]:
@@ -476,7 +588,13 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
     outputs = member_outputs(batch, names)
     errors = batch.column("error").to_pylist()
     batch = batch.drop_columns([member_output_column(n) for n in names] + ["error"])
-    scored = plan.task.reduce(outputs, plan=plan, errors=errors)
+    extra: dict[str, Any] = {}
+    if cfg.cascade is not None:
+        state = batch.column(CASCADE_STATE).to_numpy(zero_copy_only=False).astype(np.int64)
+        batch = batch.drop_columns([CASCADE_STATE])
+        stages = final_stages(plan, state)
+        extra = {"absent": cascade_absent(plan, stages), "cascade_stage": stages}
+    scored = plan.task.reduce(outputs, plan=plan, errors=errors, **extra)
     for name, column in plan.task.to_arrow(scored, cfg).items():
         batch = batch.append_column(name, column)
     # Labels travel in the file metadata, so a reader knows what `probs` index.

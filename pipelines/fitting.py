@@ -42,7 +42,7 @@ from pipelines.io import (
     read_column,
     require_column,
 )
-from pipelines.plan import EnsemblePlan
+from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.stacking import StackingModel
 
 __all__ = [
@@ -135,6 +135,9 @@ def collect_member_outputs(
     from pipelines.plan import hosts_on_cluster
 
     check_single_label(plan, "fit")
+    if plan.config.cascade is not None:
+        # Fitting reads every member on every row.
+        plan = without_cascade(plan)
     cfg = plan.config
     names = [m.name for m in cfg.members]
     if not isinstance(inputs, InputFiles):

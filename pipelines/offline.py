@@ -270,7 +270,7 @@ def run_job(
             f"{resumed:,}",
             len(committed.parts),
         )
-    hosts = hosts_on_cluster(job.plan.config, cpu_fallback=cpu_fallback)
+    hosts = hosts_on_cluster(job.plan.config, cpu_fallback=cpu_fallback, pipeline=True)
     with (
         job_data_context(),
         progress_log(_total_rows(job.inputs), resumed, progress_interval_s) as progress,

@@ -94,6 +94,13 @@ class OutputField:
 
 # Every task's rows end in this column: why a row was not scored, or null.
 ERROR_FIELD = OutputField("error", pa.string(), doc="null when scored; else why not")
+# With a cascade: the number of stages the row ran (null for an error row).
+CASCADE_FIELD = OutputField(
+    "cascade_stage",
+    pa.int32(),
+    lambda value, labels: value,
+    doc="the number of cascade stages the row ran",
+)
 
 
 @dataclass
@@ -231,6 +238,8 @@ class Task:
     def output_fields(self, cfg: Any) -> list[tuple[OutputField, str | None]]:
         """(field, member) for every column the scorer writes, in order, ``error`` last."""
         out: list[tuple[OutputField, str | None]] = [(f, None) for f in self.fields if not f.member]
+        if getattr(cfg, "cascade", None) is not None:
+            out.append((CASCADE_FIELD, None))
         if cfg.reducer.output_members:
             out += [(f, m.name) for f in self.fields if f.member for m in cfg.members]
         return [*out, (ERROR_FIELD, None)]
@@ -264,6 +273,7 @@ class Task:
         errors: Sequence[str | None] | None = None,
         absent: Mapping[str, np.ndarray] | None = None,
         missing: Mapping[str, np.ndarray] | None = None,
+        cascade_stage: np.ndarray | None = None,
     ) -> Scored:
         """The members' outputs (config order) to the ensemble's fields.
 
@@ -271,7 +281,8 @@ class Task:
         to score when no reasons are given. Invalid rows hold NaN or None. ``absent``:
         per member, the rows it did not run for (its outputs there are NaN), which the
         combination leaves out; ``missing``: the rows its host was missing for (a quorum
-        answer). See :class:`Scored`."""
+        answer). ``cascade_stage``: with a cascade, the stages each row ran. See
+        :class:`Scored`."""
         errors = list(errors) if errors is not None else [None] * len(outputs[0])
         if valid is None:
             valid = np.array([e is None for e in errors], dtype=bool)
@@ -279,7 +290,16 @@ class Task:
         scored = self._reduce(outputs, plan, np.array(valid, dtype=bool), errors, gone)
         scored.absent = gone
         scored.missing = {m: np.asarray(v, dtype=bool) for m, v in (missing or {}).items()}
+        if cascade_stage is not None:
+            scored.columns[CASCADE_FIELD.name] = np.asarray(cascade_stage, dtype=np.int64)
         return scored
+
+    def exit_scores(
+        self, outputs: Mapping[str, np.ndarray], plan: EnsemblePlan, members: Sequence[str]
+    ) -> np.ndarray:
+        """The top probability ``(n,)`` of the ensemble so far over ``members``, from their
+        outputs by name: what a cascade compares with its ``exit_at``."""
+        raise NotImplementedError(f"{self.name} ensembles cannot run a cascade")
 
     def _reduce(
         self,

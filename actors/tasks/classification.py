@@ -15,6 +15,8 @@ from actors.reducer import (
     AlignmentError,
     align_logits,
     build_label_index,
+    normalise,
+    prefix_top,
     reduce_classification,
 )
 from actors.tasks.base import (
@@ -193,6 +195,11 @@ class ClassificationTask(Task):
                 "config.json"
             )
         multi_label = any(multi.values())
+        if multi_label and cfg.cascade is not None:
+            raise HeadMismatch(
+                "cascade: these members are multi-label (sigmoid), which gives no single top "
+                "probability to stop on; remove the cascade block"
+            )
         if cfg.reducer.combine == "stacking":
             if multi_label:
                 raise HeadMismatch(
@@ -253,6 +260,19 @@ class ClassificationTask(Task):
             valid=valid,
             error=errors,
         )
+
+    def exit_scores(
+        self, outputs: Mapping[str, np.ndarray], plan: EnsemblePlan, members: Sequence[str]
+    ) -> np.ndarray:
+        by_name = {m.name: m for m in plan.config.members}
+        probs = np.stack(
+            [
+                normalise(outputs[m], temperature=by_name[m].temperature, multi_label=False)
+                for m in members
+            ]
+        )
+        weights = np.array([by_name[m].weight for m in members], dtype=np.float64)
+        return prefix_top(probs, weights, plan.config.reducer.combine)
 
     def json_error(self, error: str | None) -> dict:
         return {"label": None, "score": None, "probs": None, "error": error}

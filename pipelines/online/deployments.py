@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ import pyarrow as pa
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.host import EnsembleHost
+from actors.host import EnsembleHost, cascade_absent, close_stage, final_stages
 from actors.tasks.base import Scored
 from pipelines.online.http import ApiError, HttpApi, app, unavailable
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
@@ -56,8 +56,13 @@ def _chunk_texts(chunks: list[Chunk]) -> int:
     return sum(len(texts) for texts, _ in chunks)
 
 
-def _call_texts(calls: list[list[Chunk]]) -> int:
-    return sum(_chunk_texts(call) for call in calls)
+# A call to a member host: the chunks of one ensemble batch, and the members to run
+# (None: all it holds; a cascade's stage runs some).
+HostCall = tuple[list[Chunk], tuple[str, ...] | None]
+
+
+def _call_texts(calls: list[HostCall]) -> int:
+    return sum(_chunk_texts(chunks) for chunks, _ in calls)
 
 
 def chunked(texts: list[str], pairs: list[str | None] | None, size: int) -> list[Chunk]:
@@ -99,7 +104,9 @@ class Linger:
             self.in_flight -= 1
 
 
-def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+def run_chunks(
+    host: EnsembleHost, chunks: Sequence[Chunk], only: Collection[str] | None = None
+) -> list[list[np.ndarray]]:
     """Each chunk's outputs, one array per member of ``host``, in one pass per kind.
 
     Chunks with and without a text pair cannot share one tokenizer call."""
@@ -111,7 +118,7 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
         texts = [t for i in idx for t in chunks[i][0]]
         pairs = [p for i in idx for p in chunks[i][1]] if with_pair else None  # type: ignore[union-attr]
         # The offline host's cut (input.max_chars), for the same answer both ways.
-        outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None)
+        outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None, only=only)
         start = 0
         for i in idx:
             end = start + len(chunks[i][0])
@@ -124,7 +131,9 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
 BATCHES_IN_FLIGHT = 2
 
 
-async def forward_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+async def forward_chunks(
+    host: EnsembleHost, chunks: Sequence[Chunk], only: Collection[str] | None = None
+) -> list[list[np.ndarray]]:
     """:func:`run_chunks`, where it runs best.
 
     On CPU, on the event loop Serve runs user code on (its own thread, apart from the
@@ -133,8 +142,24 @@ async def forward_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[li
     which starts when this one returns. With members on a GPU, on a worker thread: the
     next batch is tokenised on the loop while the device runs this one."""
     if not host.on_accelerator:
-        return run_chunks(host, chunks)
-    return await asyncio.to_thread(run_chunks, host, chunks)
+        return run_chunks(host, chunks, only)
+    return await asyncio.to_thread(run_chunks, host, chunks, only)
+
+
+def _select(chunks: Sequence[Chunk], rows: np.ndarray) -> list[Chunk]:
+    """The chunks cut down to ``rows`` (indices over all their texts, ascending), in
+    order; chunks left with no row are dropped."""
+    out: list[Chunk] = []
+    start = 0
+    for texts, pairs in chunks:
+        end = start + len(texts)
+        mine = rows[(rows >= start) & (rows < end)] - start
+        if mine.size:
+            out.append(
+                ([texts[i] for i in mine], [pairs[i] for i in mine] if pairs is not None else None)
+            )
+        start = end
+    return out
 
 
 def _cut(host: EnsembleHost, texts: list[str]) -> list[str]:
@@ -183,18 +208,25 @@ class HostServer:
     async def ready(self) -> bool:
         return True
 
-    async def infer(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
-        """The chunks of one ensemble batch in; per chunk, one array per member out."""
-        return await self.linger.call(chunks)
+    async def infer(
+        self, chunks: list[Chunk], only: tuple[str, ...] | None = None
+    ) -> list[list[np.ndarray]]:
+        """The chunks of one ensemble batch in; per chunk, one array per member out.
+        ``only``: the members to run (a cascade's stage); the others' arrays are NaN."""
+        return await self.linger.call((chunks, only))
 
     @serve.batch(batch_size_fn=_call_texts, max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def _batched(self, calls: list[list[Chunk]]) -> list[list[list[np.ndarray]]]:
-        flat = [chunk for call in calls for chunk in call]
-        out = await forward_chunks(self.host, flat)
-        answers, start = [], 0
-        for call in calls:
-            answers.append(out[start : start + len(call)])
-            start += len(call)
+    async def _batched(self, calls: list[HostCall]) -> list[list[list[np.ndarray]]]:
+        answers: list[list[list[np.ndarray]]] = [[] for _ in calls]
+        # Calls for the same members share one pass.
+        for only in dict.fromkeys(only for _, only in calls):
+            mine = [i for i, (_, o) in enumerate(calls) if o == only]
+            flat = [chunk for i in mine for chunk in calls[i][0]]
+            out = await forward_chunks(self.host, flat, only)
+            start = 0
+            for i in mine:
+                answers[i] = out[start : start + len(calls[i][0])]
+                start += len(calls[i][0])
         return answers
 
 
@@ -337,13 +369,16 @@ class EnsembleServer(HttpApi):
     async def _run(self, chunks: list[Chunk]) -> list[Scored]:
         """Each chunk's rows through the members and ``plan.task.reduce``, the reduce of
         an offline window, run once for the whole batch."""
-        per_chunk, missing = await self._forward(chunks)
-        outputs = [np.concatenate([outs[k] for outs in per_chunk]) for k in self.order]
-        n = len(outputs[0])
-        gone = {name: np.ones(n, dtype=bool) for name in missing}
-        scored = self.task.reduce(outputs, plan=self.plan, absent=gone, missing=gone)
-        for name in missing:
-            self.partial.inc(int(np.sum(scored.valid)), tags={"member": name})
+        if self.cfg.cascade is not None:
+            scored = await self._run_cascade(chunks)
+        else:
+            per_chunk, missing = await self._forward(chunks)
+            outputs = [np.concatenate([outs[k] for outs in per_chunk]) for k in self.order]
+            n = len(outputs[0])
+            gone = {name: np.ones(n, dtype=bool) for name in missing}
+            scored = self.task.reduce(outputs, plan=self.plan, absent=gone, missing=gone)
+        for name, rows in scored.missing.items():
+            self.partial.inc(int(np.sum(rows & scored.valid)), tags={"member": name})
         self._observe(scored)
         answers, start = [], 0
         for texts, _ in chunks:
@@ -381,6 +416,66 @@ class EnsembleServer(HttpApi):
             for i, outs in enumerate(result):
                 per_chunk[i] += outs
         return per_chunk, missing
+
+    async def _run_cascade(self, chunks: list[Chunk]) -> Scored:
+        """The batch stage by stage, as an offline host runs a window: each stage's
+        members (here and on member hosts) on the rows still open, then the exit rule."""
+        cfg, cascade = self.cfg, self.cfg.cascade
+        n = _chunk_texts(chunks)
+        outputs = {
+            m.name: np.full(
+                (n, self.task.output_width(self.plan_specs[m.name], cfg)), np.nan, np.float32
+            )
+            for m in cfg.members
+        }
+        state = np.zeros(n, dtype=np.int64)
+        valid = np.ones(n, dtype=bool)
+        missing: dict[str, np.ndarray] = {}
+        failures: list[BaseException] = []
+        for s, stage in enumerate(cascade.stages):
+            rows = np.flatnonzero(state == 0)
+            if rows.size == 0:
+                break  # every row stopped: the later stages have nothing to do
+            part = _select(chunks, rows)
+            local = tuple(m for m in stage if m in self.local)
+            remote = [
+                (names, h, tuple(m for m in names if m in stage))
+                for names, h in self.remote
+                if any(m in stage for m in names)
+            ]
+            calls = [h.infer.remote(part, only) for _, h, only in remote]
+            if local and self.host is not None:
+                got = await forward_chunks(self.host, part, local)
+                for k, member in enumerate(self.host.members):
+                    if member.member.name in local:
+                        outputs[member.member.name][rows] = np.concatenate([c[k] for c in got])
+            results = await asyncio.gather(
+                *(self._answer(only, c) for (_, _, only), c in zip(remote, calls, strict=True))
+            )
+            for (names, _, only), result in zip(remote, results, strict=True):
+                if isinstance(result, BaseException):
+                    failures.append(result)
+                    for m in only:
+                        missing[m] = np.isin(np.arange(n), rows)
+                    continue
+                for k, name in enumerate(names):
+                    if name in only:
+                        outputs[name][rows] = np.concatenate([c[k] for c in result])
+            if missing and len(cfg.members) - len(missing) < self.quorum:
+                raise failures[0]
+            if s < len(cascade.exit_at):
+                close_stage(self.plan, outputs, state, valid, s)
+        stages = final_stages(self.plan, state)
+        absent = cascade_absent(self.plan, stages)
+        for name, rows_missing in missing.items():
+            absent[name] = absent[name] | rows_missing
+        return self.task.reduce(
+            [outputs[m.name] for m in cfg.members],
+            plan=self.plan,
+            absent=absent,
+            missing=missing,
+            cascade_stage=stages,
+        )
 
     async def _answer(self, names: tuple[str, ...], call: Any) -> Any:
         """A member host's answer, or why there is none: it failed, or did not answer
