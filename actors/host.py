@@ -312,6 +312,8 @@ class EnsembleHost:
     ``progress``: an actor handle whose ``add.remote(rows)`` is told of each window.
     ``backends``: ready member backends by name (tests run the host without weights).
     ``observe``: called with (member name, seconds) after each member's forward pass.
+    ``timer``: an actor handle whose ``add_seconds.remote({member: seconds})`` is told of
+    each call's member forward seconds (the cost `evaluate` reports).
     ``batch_threads``: on CPU with ``threads`` > 1, run micro-batches side by side on that
     many threads of one torch thread each instead of one at a time on ``threads`` torch
     threads: on this project's 2-core bench, K=3 ran 10% faster. For windows of many
@@ -330,6 +332,7 @@ class EnsembleHost:
         backends: dict[str, MemberBackend] | None = None,
         observe: Callable[[str, float], None] | None = None,
         batch_threads: bool = False,
+        timer: Any = None,
     ) -> None:
         import torch
 
@@ -355,6 +358,7 @@ class EnsembleHost:
         self.max_chars = cfg.input.max_chars
         self.progress = progress
         self.observe = observe
+        self.timer = timer
         specs = {s.name: s for s in plan.specs}
         by_name = {m.name: m for m in cfg.members}
         backends = backends or {}
@@ -407,6 +411,7 @@ class EnsembleHost:
         outputs: list[np.ndarray] = [np.empty(0)] * len(self.members)
         lost: dict[int, str] = {} if failed is None else failed
         cfg = self.plan.config
+        timed: dict[str, float] = {}
         for indices in self.groups.values():
             run = [i for i in indices if only is None or self.members[i].member.name in only]
             for i in set(indices) - set(run):
@@ -421,8 +426,12 @@ class EnsembleHost:
             for i in run:
                 started = time.perf_counter()
                 outputs[i] = self.members[i].run_encoded(encoded, lost)
+                took = time.perf_counter() - started
+                timed[self.members[i].member.name] = took
                 if self.observe is not None:
-                    self.observe(self.members[i].member.name, time.perf_counter() - started)
+                    self.observe(self.members[i].member.name, took)
+        if self.timer is not None and timed:
+            self.timer.add_seconds.remote(timed)
         if failed is None and lost:
             row, reason = min(lost.items())
             raise UnscorableText(f"text {row}: {reason}")

@@ -35,9 +35,18 @@ class _Progress:
     def __init__(self) -> None:
         self.run = uuid.uuid4().hex
         self.rows = 0
+        self.seconds: dict[str, float] = {}
 
     def add(self, rows: int) -> None:
         self.rows += rows
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        """Members' forward seconds, timed in a host (what `evaluate` reports as cost)."""
+        for name, s in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + s
+
+    def member_seconds(self) -> dict[str, float]:
+        return dict(self.seconds)
 
     def get(self) -> tuple[str, int]:
         return self.run, self.rows
@@ -102,7 +111,9 @@ def _line(total: int | None, done: int, rows: int, took: float) -> str:
 @contextlib.contextmanager
 def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[Any]:
     """Log one progress line every ``interval_s`` seconds while the block runs; yields
-    the counter actor whose ``add.remote(rows)`` the hosts call (Ray must be running).
+    the counter actor whose ``add.remote(rows)`` the hosts call (Ray must be running),
+    and whose ``add_seconds.remote({member: seconds})`` they call with each member's
+    forward seconds.
 
     ``total``: the job's rows when known up front (Parquet), ``done``: rows committed by
     an earlier run (``--resume``)."""

@@ -7,6 +7,7 @@ own answers on the texts, so that rows stop at every stage.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -322,3 +323,144 @@ def test_online_cascade_equals_offline(offline, setup):
                 off[f"probs__{name}"],
                 atol=1e-5,
             )
+
+
+# --- fit --cascade --------------------------------------------------------------------------------
+
+
+def test_fitted_thresholds_respect_max_loss_on_held_out_folds():
+    """Members that err independently, the costly one best: the cascade chosen on the
+    other folds keeps the accuracy within --max-loss on the folds it never saw, and
+    costs less than the full ensemble."""
+    from pipelines.cascade_fitting import fit_cascade
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = rng.integers(0, 2, n)
+
+    def member(strength):
+        z = strength * (2 * y - 1) + rng.normal(0, 2.0, n)
+        p = 1 / (1 + np.exp(-z))
+        return np.stack([1 - p, p], -1)
+
+    probs = np.stack([member(2.0), member(2.2), member(2.5)])
+    cost = [0.001, 0.004, 0.02]
+    names = ["cheap", "mid", "costly"]
+    max_loss = 0.005
+    fit = fit_cascade(probs, y, np.ones(3), "weighted_mean", cost, names, max_loss=max_loss)
+    losses = np.array([loss for loss, _, _ in fit.held_out])
+    assert len(losses) == 5
+    assert losses.mean() <= max_loss, losses
+    assert fit.chosen is not None and fit.chosen.cost < 0.5 * sum(cost)
+    # The chosen cascade's figures, by the reducer's exit rule and plain numpy.
+    stages = [[names.index(m) for m in s] for s in fit.chosen.stages]
+    ran = cascade_stages(probs, np.ones(3), "weighted_mean", stages, fit.chosen.exit_at)
+    prefix = [probs[[m for s in stages[:k] for m in s]].mean(0) for k in range(1, len(stages) + 1)]
+    p = np.stack(prefix)[ran - 1, np.arange(n)]
+    assert fit.chosen.accuracy == pytest.approx(np.mean(p.argmax(-1) == y))
+    shares = np.bincount(ran - 1, minlength=len(stages)) / n
+    np.testing.assert_allclose(fit.chosen.shares, shares)
+    stage_cost = np.cumsum([sum(cost[m] for m in s) for s in stages])
+    assert fit.chosen.cost == pytest.approx(float(shares @ stage_cost))
+    full_acc = np.mean(probs.mean(0).argmax(-1) == y)
+    assert full_acc - fit.chosen.accuracy <= max_loss
+
+
+class _Lines(logging.Handler):
+    """The CLI's log lines (its loggers do not propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
+    """`ray-ensemble fit --cascade` on labels the ensemble mostly gets right: it times
+    the members, prints the candidates and writes a cascade block that loads."""
+    import yaml
+
+    from jobs.cli import main
+    from pipelines.config import load_config
+
+    tmp = setup["tmp"]
+    texts = make_texts(200, seed=41, max_words=30)
+    full = EnsembleHost(plan=plan_ensemble(config_from_dict(setup["base"], base_dir=tmp)))
+    rows = full(_table(texts)).to_pylist()
+    rng = np.random.default_rng(2)
+    labels = [
+        r["label"] if rng.random() < 0.9 else LABELS[1 - LABELS.index(r["label"])] for r in rows
+    ]
+    src = tmp / "val.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"text": t, "label": lab}) + "\n"
+            for t, lab in zip(texts, labels, strict=True)
+        )
+    )
+    path = tmp / "fit.yaml"
+    path.write_text(yaml.safe_dump(setup["base"]))
+    out = tmp / "fitted.yaml"
+    args = ["fit", str(path), "--input", str(src), "--label-column", "label"]
+    lines = _Lines()
+    logging.getLogger("ray_ensemble").addHandler(lines)
+    try:
+        code = main([*args, "--output", str(out), "--cascade", "--max-loss", "0.02"])
+    finally:
+        logging.getLogger("ray_ensemble").removeHandler(lines)
+    assert code == 0
+    text = "\n".join(lines.lines)
+    assert "member forward ms/row: alpha" in text and "(full ensemble)" in text, text
+    assert "held out (chosen on the other folds)" in text
+    cfg = load_config(out)
+    assert cfg.cascade is not None, text
+    assert sorted(m for s in cfg.cascade.stages for m in s) == sorted(NAMES)
+    assert len(cfg.cascade.exit_at) == len(cfg.cascade.stages) - 1
+    assert cfg.reducer.combine != "stacking"
+    assert main([*args, "--output", str(out), "--cascade", "--combine", "stacking"]) == 2
+
+
+def test_evaluate_scores_the_cascade_and_the_full_ensemble(ray_cluster, setup):
+    """`evaluate` on a cascade: a real cascade run and a full one, side by side."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    tmp = setup["tmp"]
+    texts = make_texts(80, seed=43, max_words=30)
+    rng = np.random.default_rng(4)
+    src = tmp / "test.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "text": t, "label": LABELS[int(rng.integers(2))]}) + "\n"
+            for i, t in enumerate(texts)
+        )
+    )
+    path = tmp / "cascade.yaml"
+    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    report = tmp / "report"
+    args = ["evaluate", str(path), "--input", str(src), "--label-column", "label"]
+    assert main([*args, "--report", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    block = metrics["cascade"]
+    scored = pq.read_table(sorted((report / "scored").glob("*.parquet"))).to_pylist()
+    full = pq.read_table(sorted((report / "scored-full").glob("*.parquet"))).to_pylist()
+    y = np.array([LABELS.index(r["true_label"]) for r in scored])
+    ours = np.array([r["probs"] for r in scored])
+    theirs = np.array([r["probs"] for r in full])
+    assert block["accuracy"] == pytest.approx(np.mean(ours.argmax(-1) == y))
+    assert block["full"]["accuracy"] == pytest.approx(np.mean(theirs.argmax(-1) == y))
+    assert metrics["ensemble"]["accuracy"] == block["accuracy"]
+    stages = np.array([r["cascade_stage"] for r in scored])
+    np.testing.assert_allclose(block["stage_shares"], np.bincount(stages - 1, minlength=3) / 80)
+    assert "cascade_stage" not in full[0]
+    assert block["member_s_per_row"] > 0 and block["full"]["member_s_per_row"] > 0
+    # Members' own metrics come from the full run, where each scored every row.
+    alpha = np.array([r["probs__alpha"] for r in full])
+    assert metrics["members"]["alpha"]["accuracy"] == pytest.approx(np.mean(alpha.argmax(-1) == y))
+    md = (report / "report.md").read_text()
+    assert "cost_accuracy.png" in md and (report / "cost_accuracy.png").is_file()
+    assert "Cascade against the full ensemble" in md
