@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -39,6 +39,7 @@ from actors.tasks.base import EnsemblePlan
 from pipelines.storage import local_member
 
 __all__ = [
+    "CASCADE_STATE",
     "CPU_BATCH_TOKENS",
     "GPU_BATCH_TOKENS",
     "LABELS_METADATA_KEY",
@@ -321,6 +322,8 @@ class EnsembleHost:
     ``progress``: a ``RowCounter`` (by name: see pipelines/progress.py) told of each window.
     ``backends``: ready member backends by name (tests run the host without weights).
     ``observe``: called with (member name, seconds) after each member's forward pass.
+    ``timer``: a ``RowCounter`` whose ``add_seconds({member: seconds})`` is told of
+    each call's member forward seconds (the cost `evaluate` reports).
     ``batch_threads``: on CPU with ``threads`` > 1, run micro-batches side by side on that
     many threads of one torch thread each instead of one at a time on ``threads`` torch
     threads: on this project's 2-core bench, K=3 ran 10% faster. For windows of many
@@ -339,6 +342,7 @@ class EnsembleHost:
         backends: dict[str, MemberBackend] | None = None,
         observe: Callable[[str, float], None] | None = None,
         batch_threads: bool = False,
+        timer: Any = None,
     ) -> None:
         import torch
 
@@ -365,6 +369,7 @@ class EnsembleHost:
         self.max_chars = cfg.input.max_chars
         self.progress = progress
         self.observe = observe
+        self.timer = timer
         specs = {s.name: s for s in plan.specs}
         by_name = {m.name: m for m in cfg.members}
         backends = backends or {}
@@ -407,19 +412,29 @@ class EnsembleHost:
         pairs: Sequence[str] | None = None,
         failed: dict[int, str] | None = None,
         words: Sequence[Sequence[str]] | None = None,
+        only: Collection[str] | None = None,
     ) -> list[Any]:
         """Each member's outputs for valid, already cut texts (or pre-split ``words``), in
         member order.
 
-        A text too long for a member's device: with ``failed``, its index and reason go
-        there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
+        ``only``: run just these members (a cascade's stage); the others' outputs are
+        NaN. A text too long for a member's device: with ``failed``, its index and reason
+        go there (and its outputs are NaN); without, :class:`UnscorableText` is raised.
         Safe to call from several threads at once (one window tokenising while another
         is on the device)."""
         outputs: list[Any] = [np.empty(0)] * len(self.members)
         lost: dict[int, str] = {} if failed is None else failed
         rows = len(words) if words is not None else len(texts or ())
+        cfg = self.plan.config
+        timed: dict[str, float] = {}
         for indices in self.groups.values():
-            lead = self.members[indices[0]]
+            run = [i for i in indices if only is None or self.members[i].member.name in only]
+            for i in set(indices) - set(run):
+                width = self.task.output_width(self.members[i].spec, cfg)
+                outputs[i] = np.full((rows, width), np.nan, dtype=np.float32)
+            if not run:
+                continue
+            lead = self.members[run[0]]
             try:
                 if rows:
                     encoded, prepared = self.task.encode_rows(lead, texts, pairs, words)
@@ -427,34 +442,110 @@ class EnsembleHost:
                     encoded, prepared = {"input_ids": []}, None
             except Exception as exc:
                 raise UnscorableText(f"{type(exc).__name__}: {exc}") from exc
-            for i in indices:
+            for i in run:
                 started = time.perf_counter()
                 window_failed: dict[int, str] = {}
                 raw = self.members[i].run_encoded(encoded, window_failed)
+                took = time.perf_counter() - started
+                timed[self.members[i].member.name] = took
                 outputs[i] = (
                     self.task.finish_rows(raw, prepared, self.members[i], window_failed, lost)
                     if rows
                     else raw
                 )
                 if self.observe is not None:
-                    self.observe(self.members[i].member.name, time.perf_counter() - started)
+                    self.observe(self.members[i].member.name, took)
+        if self.timer is not None and timed:
+            self.timer.add_seconds(timed)
         if failed is None and lost:
             row, reason = min(lost.items())
             raise UnscorableText(f"text {row}: {reason}")
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.plan.config.cascade is not None:
+            batch = self._cascade(batch)
+        else:
+            batch = self._all_rows(batch)
+        if self.reduce:
+            batch = reduce_batch(batch, plan=self.plan)
+        if self.progress is not None:
+            self.progress.add(batch.num_rows)
+        return batch
+
+    def _inputs(
+        self, batch: pa.Table, rows: np.ndarray
+    ) -> tuple[list[str] | None, list[str] | None, list[list[str]] | None]:
+        """These rows' cut texts and pairs, or their pre-split words."""
+        taken = pa.array(rows, pa.int64())
+        if self.words_column:
+            return None, None, batch.column(self.words_column).take(taken).to_pylist()
+        texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
+        pairs = None
+        if self.pair_column:
+            pairs = self.cut(batch.column(self.pair_column).take(taken)).to_pylist()
+        return texts, pairs, None
+
+    def _cascade(self, batch: pa.Table) -> pa.Table:
+        """This host's members, stage by stage, each on the rows still open; the stages
+        a row ran travel in :data:`CASCADE_STATE` to later hosts and the reduce.
+
+        Rows that stopped before a stage never reach its members; a stage's exit is
+        decided as soon as every member of it and of the stages before has run, here or
+        on an earlier host."""
+        cfg = self.plan.config
+        cascade = cfg.cascade
+        n = batch.num_rows
+        valid = batch.column("error").is_null().to_numpy(zero_copy_only=False).copy()
+        errors = batch.column("error").to_pylist()
+        if CASCADE_STATE in batch.column_names:
+            state = batch.column(CASCADE_STATE).to_numpy(zero_copy_only=False).astype(np.int64)
+            batch = batch.drop_columns([CASCADE_STATE])
+        else:
+            state = np.zeros(n, dtype=np.int64)
+        known = [m.name for m in cfg.members if member_output_column(m.name) in batch.column_names]
+        outputs = dict(zip(known, member_outputs(batch, known), strict=True))
+        held = {m.member.name: m for m in self.members}
+        for name, member in held.items():
+            width = self.task.output_width(member.spec, cfg)
+            outputs[name] = np.full((n, width), np.nan, dtype=np.float32)
+        for s, stage in enumerate(cascade.stages):
+            here = [m for m in stage if m in held]
+            if here:
+                before = [m for earlier in cascade.stages[:s] for m in earlier]
+                if any(m not in outputs for m in before):
+                    raise RuntimeError(
+                        f"cascade stage {s + 1} runs before the members of an earlier stage "
+                        f"({[m for m in before if m not in outputs]}); the hosts are out of order"
+                    )
+                rows = np.flatnonzero(valid & (state == 0))
+                texts, pairs, _ = self._inputs(batch, rows)
+                failed: dict[int, str] = {}
+                values = self.infer(texts, pairs, failed, only=here)
+                for i, member in enumerate(self.members):
+                    if member.member.name in here:
+                        outputs[member.member.name][rows] = values[i]
+                for i, reason in failed.items():
+                    # A row no device pass could hold is an error row, like bad input.
+                    errors[int(rows[i])] = reason
+                    valid[rows[i]] = False
+            done = [m for earlier in cascade.stages[: s + 1] for m in earlier]
+            if s < len(cascade.exit_at) and all(m in outputs for m in done):
+                close_stage(self.plan, outputs, state, valid, s)
+        for name in held:
+            full = outputs[name]
+            full[~valid] = np.nan
+            column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), full.shape[1])
+            batch = batch.append_column(member_output_column(name), column)
+        index = batch.schema.get_field_index("error")
+        batch = batch.set_column(index, "error", pa.array(errors, batch.schema.field("error").type))
+        return batch.append_column(CASCADE_STATE, pa.array(state, pa.int32()))
+
+    def _all_rows(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         valid = batch.column("error").is_null().to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(valid)
-        taken = pa.array(rows)
-        texts = pairs = words = None
-        if self.words_column:
-            words = batch.column(self.words_column).take(taken).to_pylist()
-        else:
-            texts = self.cut(batch.column(self.text_column).take(taken)).to_pylist()
-        if self.pair_column:
-            pairs = self.cut(batch.column(self.pair_column).take(taken)).to_pylist()
+        texts, pairs, words = self._inputs(batch, rows)
         failed: dict[int, str] = {}
         outputs = self.infer(texts, pairs, failed, words)
         if failed:
@@ -473,11 +564,44 @@ class EnsembleHost:
                 width = values.shape[1]
             column = self.task.member_column(values, rows, valid, n, width)
             batch = batch.append_column(member_output_column(member.member.name), column)
-        if self.reduce:
-            batch = reduce_batch(batch, plan=self.plan)
-        if self.progress is not None:
-            self.progress.add(n)
         return batch
+
+
+# Between hosts of a cascade: each row's stage count, 0 while it is still open.
+CASCADE_STATE = "__cascade_stage__"
+
+
+def close_stage(
+    plan: EnsemblePlan,
+    outputs: dict[str, np.ndarray],
+    state: np.ndarray,
+    valid: np.ndarray,
+    stage: int,
+) -> None:
+    """After ``stage`` (0-based): rows still open whose ensemble so far puts at least
+    ``exit_at[stage]`` on its top label stop there (``state`` becomes ``stage + 1``).
+
+    Deciding again is harmless: a row that did not stop does not stop on the same
+    outputs, so a later host may repeat an earlier host's decision."""
+    cascade = plan.config.cascade
+    members = [m for earlier in cascade.stages[: stage + 1] for m in earlier]
+    rows = np.flatnonzero(valid & (state == 0))
+    if rows.size == 0:
+        return
+    top = plan.task.exit_scores({m: outputs[m][rows] for m in members}, plan, members)
+    stop = np.nan_to_num(top, nan=-1.0) >= cascade.exit_at[stage]
+    state[rows[stop]] = stage + 1
+
+
+def cascade_absent(plan: EnsemblePlan, stages_run: np.ndarray) -> dict[str, np.ndarray]:
+    """Per member, the rows a cascade stopped before it reached the member's stage."""
+    cascade = plan.config.cascade
+    return {m.name: cascade.stage_of(m.name) >= stages_run for m in plan.config.members}
+
+
+def final_stages(plan: EnsemblePlan, state: np.ndarray) -> np.ndarray:
+    """The stages each row ran, once every host has: a row still open ran them all."""
+    return np.where(state == 0, len(plan.config.cascade.stages), state)
 
 
 def member_outputs(batch: pa.Table, names: list[str], task: Task | None = None) -> list[Any]:
@@ -509,7 +633,13 @@ def reduce_batch(batch: pa.Table, *, plan: EnsemblePlan) -> pa.Table:
             else {"text": batch.column(cfg.input.text_column).to_pylist()}
         )
     batch = batch.drop_columns([member_output_column(n) for n in names] + ["error"])
-    scored = plan.task.reduce(outputs, plan=plan, errors=errors, inputs=inputs)
+    extra: dict[str, Any] = {}
+    if cfg.cascade is not None:
+        state = batch.column(CASCADE_STATE).to_numpy(zero_copy_only=False).astype(np.int64)
+        batch = batch.drop_columns([CASCADE_STATE])
+        stages = final_stages(plan, state)
+        extra = {"absent": cascade_absent(plan, stages), "cascade_stage": stages}
+    scored = plan.task.reduce(outputs, plan=plan, errors=errors, inputs=inputs, **extra)
     for name, column in plan.task.to_arrow(scored, cfg).items():
         if name in batch.column_names:
             # The words column given as `words` is the output's `words`, the same lists.

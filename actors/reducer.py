@@ -35,6 +35,8 @@ __all__ = [
     "agreement",
     "align_logits",
     "build_label_index",
+    "cascade_exits",
+    "cascade_stages",
     "combine",
     "combine_embeddings",
     "ensemble_distribution",
@@ -42,6 +44,7 @@ __all__ = [
     "l2_normalise",
     "member_top",
     "normalise",
+    "prefix_top",
     "reduce_classification",
 ]
 
@@ -279,6 +282,59 @@ def ensemble_distribution(
     return combine(member_probs, weights, method, multi_label=multi_label)
 
 
+def prefix_top(member_probs: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
+    """The top probability ``(n,)`` of the ensemble so far: ``method`` over the members
+    given ``(k, n, L)`` (single-label), their weights renormalised over them. NaN for a
+    row none of them scored.
+
+    >>> p = np.array([[[0.9, 0.1]], [[0.5, 0.5]]])
+    >>> float(prefix_top(p[:1], np.array([2.0]), "weighted_mean")[0])
+    0.9
+    >>> round(float(prefix_top(p, np.array([3.0, 1.0]), "weighted_mean")[0]), 3)
+    0.8
+    """
+    p = combine(member_probs, weights, method, multi_label=False)
+    scored = ~np.all(np.isnan(p), axis=-1)
+    top = np.full(p.shape[0], np.nan)
+    top[scored] = np.nanmax(p[scored], axis=-1)
+    return top
+
+
+def cascade_exits(
+    member_probs: np.ndarray, weights: np.ndarray, method: str, threshold: float
+) -> np.ndarray:
+    """The exit rule after a stage: rows ``(n,)`` whose ensemble so far (the members
+    run so far, ``(k, n, L)``) puts at least ``threshold`` on its top label."""
+    top = prefix_top(member_probs, weights, method)
+    return np.nan_to_num(top, nan=-1.0) >= threshold
+
+
+def cascade_stages(
+    member_probs: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    stages: Sequence[Sequence[int]],
+    exit_at: Sequence[float],
+) -> np.ndarray:
+    """How many stages each row runs ``(n,)``, from every member's distribution
+    ``(M, n, L)``: the first stage ``i`` (1-based) after which :func:`cascade_exits`
+    holds, else ``len(stages)``. ``stages`` are member indices.
+
+    A row's exit depends only on the members of the stages it ran, so this equals a
+    cascade that runs each stage on the rows still open (what the hosts do).
+    """
+    probs = np.asarray(member_probs, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    out = np.full(probs.shape[1], len(stages), dtype=np.int64)
+    open_ = np.ones(probs.shape[1], dtype=bool)
+    for i, threshold in enumerate(exit_at):
+        idx = [m for stage in stages[: i + 1] for m in stage]
+        stop = open_ & cascade_exits(probs[idx], w[idx], method, threshold)
+        out[stop] = i + 1
+        open_ &= ~stop
+    return out
+
+
 def vote_labels(
     probs: np.ndarray, weights: np.ndarray, ensemble_probs: np.ndarray, *, multi_label: bool
 ) -> np.ndarray:
@@ -350,10 +406,15 @@ def reduce_classification(
     multi_label: bool,
     valid: np.ndarray | None = None,
     stacking: tuple[np.ndarray, np.ndarray] | None = None,
+    ran: np.ndarray | None = None,
 ) -> Reduced:
     """Everything after the members' forward passes: normalise, combine, label, uncertainty.
 
     ``method="stacking"`` needs ``stacking=(coef, intercept)`` of the meta-model.
+
+    ``ran``: ``(M, n)``, False where a member did not run for a row (a cascade stopped
+    before it, or its host was missing): its outputs there are left out of the
+    combination and the agreement, the weights renormalised over the members that ran.
 
     ``valid`` marks rows that were scored; other rows get NaN results. A valid row that
     a member returned non-finite logits for gets an error naming the member.
@@ -372,6 +433,9 @@ def reduce_classification(
         z = np.asarray(aligned_logits[i], dtype=np.float64)
         scored_labels = ~np.all(np.isnan(z), axis=0)
         bad = valid & ~np.all(np.isfinite(z[:, scored_labels]), axis=-1)
+        if ran is not None:
+            bad &= ran[i]
+            member_probs[i, ~ran[i]] = np.nan
         for row in np.flatnonzero(bad):
             errors[row] = f"member '{name}' returned non-finite logits"
         valid &= ~bad

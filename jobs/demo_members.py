@@ -65,11 +65,16 @@ class BagOfPieces(nn.Module):
         self.register_buffer("ignore", ignore, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        present = torch.zeros(input_ids.shape[0], self.linear.in_features, device=input_ids.device)
+        # In the weights' dtype: `dtype: auto` is bfloat16 on CPUs that multiply it natively.
+        present = torch.zeros(
+            input_ids.shape[0],
+            self.linear.in_features,
+            device=input_ids.device,
+            dtype=self.linear.weight.dtype,
+        )
         present.scatter_reduce_(1, input_ids, attention_mask.to(present.dtype), reduce="amax")
         present[:, self.ignore] = 0
-        # `dtype: auto` may load the weights in bfloat16 (CPUs that multiply it natively).
-        return self.linear(present.to(self.linear.weight.dtype))
+        return self.linear(present)
 
 
 class MeanPooledHead(nn.Module):

@@ -35,6 +35,7 @@ from actors.tasks import TASKS, all_output_names, get_task
 
 __all__ = [
     "COMBINE_METHODS",
+    "CascadeConfig",
     "ConfigError",
     "EnsembleConfig",
     "InputConfig",
@@ -377,6 +378,22 @@ class ServeConfig(_Strict):
         description="Replicas of the endpoint, each holding the members that share a host: "
         "a number, or {min, max} to autoscale.",
     )
+    member_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="How long the endpoint waits for a member host of its own (own_host, "
+        "whole GPUs), counted once the endpoint's own members have run; a host that has not "
+        "answered by then counts as missing for that batch. Default: no limit (only "
+        "request_timeout_s).",
+    )
+    min_members: int | None = Field(
+        None,
+        ge=1,
+        description="Quorum: the fewest members an answer may be made from. When a member "
+        "host fails or times out, the answer comes from the others, with members_missing; "
+        "below this count the request gets a 503 'unavailable'. A count of members, not a "
+        "weight share. Default: all members (no partial answers).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -393,6 +410,43 @@ class ServeConfig(_Strict):
         return replica_range(self.replicas)
 
 
+class CascadeConfig(_Strict):
+    """Run the members in stages, cheapest first; a row stops after a stage when the
+    ensemble so far is sure enough (written by `ray-ensemble fit --cascade`)."""
+
+    stages: list[list[str]] = Field(
+        ...,
+        min_length=2,
+        description="Member names per stage, in the order they run; every member in "
+        "exactly one stage.",
+    )
+    exit_at: list[float] = Field(
+        ...,
+        description="One threshold per stage but the last, each in (0, 1]: after stage i, "
+        "a row stops when the top probability of the ensemble so far (the configured "
+        "combination over the members run so far, weights renormalised) is at least "
+        "exit_at[i].",
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> CascadeConfig:
+        if any(not stage for stage in self.stages):
+            raise ValueError("stages: a stage needs at least one member")
+        if len(self.exit_at) != len(self.stages) - 1:
+            raise ValueError(
+                f"exit_at: {len(self.stages)} stages need {len(self.stages) - 1} thresholds "
+                f"(one after each stage but the last), got {len(self.exit_at)}"
+            )
+        bad = [t for t in self.exit_at if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"exit_at: {bad} out of range; each threshold is in (0, 1]")
+        return self
+
+    def stage_of(self, member: str) -> int:
+        """The index of the stage that runs ``member``."""
+        return next(i for i, stage in enumerate(self.stages) if member in stage)
+
+
 class EnsembleConfig(_Strict):
     """The whole ensemble: its members and how they are combined."""
 
@@ -403,6 +457,9 @@ class EnsembleConfig(_Strict):
     members: list[MemberConfig] = Field(..., min_length=1, description="The member models.")
     reducer: ReducerConfig = Field(default_factory=ReducerConfig, description="Combination.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Online serving.")
+    cascade: CascadeConfig | None = Field(
+        None, description="Run the members in stages; rows the first ones are sure of stop."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -448,7 +505,35 @@ class EnsembleConfig(_Strict):
                 raise ValueError(
                     f"{', '.join(keyed)}: only for token_classification ensembles; remove it"
                 )
+        quorum = self.serve.min_members
+        if quorum is not None and quorum > len(self.members):
+            raise ValueError(
+                f"serve.min_members: {quorum}, but the ensemble has {len(self.members)} "
+                f"members; use at most {len(self.members)}, or leave it out for all"
+            )
+        if quorum is not None and quorum < len(self.members):
+            get_task(self.task).check_partial(self, "serve.min_members below the member count")
+        if self.cascade is not None:
+            self._check_cascade(names)
         return self
+
+    def _check_cascade(self, names: list[str]) -> None:
+        staged = [m for stage in self.cascade.stages for m in stage]  # type: ignore[union-attr]
+        unknown = sorted(set(staged) - set(names))
+        if unknown:
+            raise ValueError(f"cascade.stages: {unknown} are not members; the members are {names}")
+        twice = sorted({m for m in staged if staged.count(m) > 1})
+        if twice:
+            raise ValueError(
+                f"cascade.stages: {twice} appear in more than one stage; list each once"
+            )
+        left = [m for m in names if m not in staged]
+        if left:
+            raise ValueError(
+                f"cascade.stages: {left} are in no stage; every member runs in exactly one "
+                "(put costly members in the last stage)"
+            )
+        get_task(self.task).check_partial(self, "cascade")
 
     def output_columns(self) -> list[str]:
         """The columns the scorer adds to each input row, in order."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from actors.tasks.classification import (
     ECE_BINS,
@@ -26,7 +27,7 @@ from actors.tasks.classification import metrics as classification_metrics
 from pipelines.fitting import check_single_label, label_indices
 from pipelines.offline import score
 from pipelines.output import read_output
-from pipelines.plan import EnsemblePlan
+from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.storage import Location
 
 __all__ = [
@@ -47,6 +48,8 @@ TRUTH_COLUMN = "true_label"
 # Where evaluate scores the set, inside the report folder; replaced on each run when it is
 # an output of ours, refused otherwise.
 SCORED_DIR = "scored"
+# With a cascade, the same set scored by every member, beside it.
+FULL_DIR = "scored-full"
 
 
 def _save(fig, where: Location) -> None:
@@ -193,6 +196,171 @@ def render_report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _scored(
+    plan: EnsemblePlan, where: Location, label_column: str
+) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """A scored set read back: its table, the labels of the usable rows and which rows
+    those are (a label and a score)."""
+    cfg = plan.config
+    columns = [cfg.input.id_column, TRUTH_COLUMN, "error", _ensemble_probs(plan)]
+    columns += [_member_probs(plan, m.name) for m in cfg.members]
+    if cfg.cascade is not None:
+        columns.append("cascade_stage")
+    table = read_output(where).select(columns)
+    y_all = label_indices(table.column(TRUTH_COLUMN).to_pylist(), cfg.labels, label_column)
+    ok = (y_all >= 0) & np.array([e is None for e in table.column("error").to_pylist()])
+    if not ok.any():
+        raise ValueError("no row had both a label and a score; nothing to evaluate")
+    return table, y_all[ok], ok
+
+
+def _ensemble_probs(plan: EnsemblePlan) -> str:
+    # The distributions are the task's declared output fields: the ensemble's and each
+    # member's column of the field named `probs`.
+    return next(f for f in plan.task.fields if f.name == "probs" and not f.member).column()
+
+
+def _member_probs(plan: EnsemblePlan, member: str) -> str:
+    return next(f for f in plan.task.fields if f.name == "probs" and f.member).column(member)
+
+
+def _matrix(table: pa.Table, column: str, ok: np.ndarray) -> np.ndarray:
+    """The ``ok`` rows of a list column as a matrix; a null row (a member a cascade did
+    not reach) is NaN."""
+    rows = [r for r, keep in zip(table.column(column).to_pylist(), ok, strict=True) if keep]
+    width = next((len(r) for r in rows if r is not None), 0)
+    return np.array([[np.nan] * width if r is None else r for r in rows], dtype=np.float64)
+
+
+def cascade_metrics(
+    ours: dict,
+    full: dict,
+    stages: list[int],
+    num_stages: int,
+    seconds: dict[str, float] | None,
+    rows: int,
+    full_seconds: dict[str, float] | None,
+    full_rows: int,
+) -> dict:
+    """``metrics.json``'s ``cascade`` block: the cascade's accuracy, NLL and cost (the
+    members' forward seconds, summed over members, per row scored) and the share of
+    scored rows stopping at each stage, beside the full ensemble's."""
+
+    def per_row(s: dict[str, float] | None, n: int) -> float | None:
+        return None if s is None or n == 0 else float(sum(s.values()) / n)
+
+    counts = np.bincount(np.asarray(stages, dtype=np.int64) - 1, minlength=num_stages)
+    return {
+        "accuracy": ours["accuracy"],
+        "nll": ours["nll"],
+        "member_s_per_row": per_row(seconds, rows),
+        "stage_shares": (counts / max(len(stages), 1)).tolist(),
+        "full": {
+            "accuracy": full["accuracy"],
+            "nll": full["nll"],
+            "member_s_per_row": per_row(full_seconds, full_rows),
+        },
+    }
+
+
+def render_cascade_metrics(cascade: dict) -> str:
+    """The cascade beside the full ensemble (Markdown)."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{1e3 * value:.3f}"
+
+    full = cascade["full"]
+    shares = ", ".join(f"{s:.3f}" for s in cascade["stage_shares"])
+    return "\n".join(
+        [
+            "## Cascade against the full ensemble",
+            "",
+            "| run | accuracy | NLL | member forward ms/row |",
+            "|---|---|---|---|",
+            f"| cascade | {cascade['accuracy']:.4f} | {cascade['nll']:.4f} | "
+            f"{ms(cascade['member_s_per_row'])} |",
+            f"| full ensemble | {full['accuracy']:.4f} | {full['nll']:.4f} | "
+            f"{ms(full['member_s_per_row'])} |",
+            "",
+            f"Share of scored rows stopping at each stage: {shares}.",
+        ]
+    )
+
+
+def _cost_accuracy(
+    report: Location,
+    plan: EnsemblePlan,
+    member_probs: dict[str, np.ndarray],
+    y: np.ndarray,
+    seconds: dict[str, float] | None,
+    rows: int,
+    cascade: dict,
+) -> str:
+    """``cost_accuracy.png``: the cascade cut after 1, 2, ... stages (rows still open
+    after the last kept stage stop there), from the full run's member outputs and each
+    member's measured seconds per row, and the full ensemble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from actors.reducer import cascade_stages, combine
+
+    cfg = plan.config
+    names = [m.name for m in cfg.members]
+    probs = np.stack([member_probs[n] for n in names])
+    weights = np.array([m.weight for m in cfg.members], dtype=np.float64)
+    stages = [[names.index(m) for m in stage] for stage in cfg.cascade.stages]
+    cost = np.array([(seconds or {}).get(n, np.nan) / max(rows, 1) for n in names])
+    points = []
+    for k in range(1, len(stages) + 1):
+        kept = stages[:k]
+        ran = cascade_stages(
+            probs, weights, cfg.reducer.combine, kept, cfg.cascade.exit_at[: k - 1]
+        )
+        p = np.stack(
+            [
+                combine(
+                    probs[[m for s in kept[: j + 1] for m in s]],
+                    weights[[m for s in kept[: j + 1] for m in s]],
+                    cfg.reducer.combine,
+                    multi_label=False,
+                )
+                for j in range(k)
+            ]
+        )[ran - 1, np.arange(len(y))]
+        reach = np.array([np.mean(ran >= j + 1) for j in range(k)])
+        stage_cost = np.array([cost[s].sum() for s in kept])
+        points.append((float(reach @ stage_cost), float(np.mean(p.argmax(-1) == y))))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(
+        [1e3 * c for c, _ in points],
+        [a for _, a in points],
+        marker="o",
+        label="cascade, by stages kept",
+    )
+    for k, (c, a) in enumerate(points, start=1):
+        ax.annotate(f"{k}", (1e3 * c, a), textcoords="offset points", xytext=(4, 4))
+    full = cascade["full"]
+    if full["member_s_per_row"] is not None:
+        ax.scatter(
+            [1e3 * full["member_s_per_row"]],
+            [full["accuracy"]],
+            marker="s",
+            color="black",
+            label="full ensemble",
+            zorder=3,
+        )
+    ax.set_xlabel("member forward ms per row")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Cost and accuracy")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, report.join("cost_accuracy.png"))
+    plt.close(fig)
+    return "cost_accuracy.png"
+
+
 def evaluate(
     plan: EnsemblePlan,
     input_path: str | Path,
@@ -233,31 +401,48 @@ def evaluate(
         cpu_fallback=cpu_fallback,
     )
     names = [m.name for m in cfg.members]
-    # The distributions are the task's declared output fields: the ensemble's and each
-    # member's column of the field named `probs`.
     task = plan.task
-    ensemble_field = next(f for f in task.fields if f.name == "probs" and not f.member)
-    member_field = next(f for f in task.fields if f.name == "probs" and f.member)
-    table = read_output(report.join(SCORED_DIR)).select(
-        [
-            TRUTH_COLUMN,
-            "error",
-            ensemble_field.column(),
-            *(member_field.column(n) for n in names),
-        ]
-    )
-    y_all = label_indices(table.column(TRUTH_COLUMN).to_pylist(), cfg.labels, label_column)
-    ok = (y_all >= 0) & np.array([e is None for e in table.column("error").to_pylist()])
-    y = y_all[ok]
-
-    def matrix(column: str) -> np.ndarray:
-        rows = table.column(column).to_pylist()
-        return np.array([r for r, keep in zip(rows, ok, strict=True) if keep], dtype=np.float64)
-
-    probs = {n: matrix(member_field.column(n)) for n in names}
-    probs["ensemble"] = matrix(ensemble_field.column())
-    if len(y) == 0:
-        raise ValueError("no row had both a label and a score; nothing to evaluate")
+    table, y, ok = _scored(plan, report.join(SCORED_DIR), label_column)
+    probs = {n: _matrix(table, _member_probs(plan, n), ok) for n in names}
+    probs["ensemble"] = _matrix(table, _ensemble_probs(plan), ok)
+    cascade = None
+    if cfg.cascade is not None:
+        # The same set again with every member on every row: the members' own metrics
+        # (a cascade leaves them null on the rows that stopped before them), and the
+        # full ensemble to set the cascade against.
+        full_plan = without_cascade(plan)
+        full_summary = score(
+            full_plan,
+            input_path,
+            report.join(FULL_DIR),
+            overwrite=True,
+            rename={label_column: TRUTH_COLUMN},
+            cpu_fallback=cpu_fallback,
+        )
+        full_table, full_y, full_ok = _scored(full_plan, report.join(FULL_DIR), label_column)
+        id_column = cfg.input.id_column
+        if full_table.column(id_column).to_pylist() != table.column(id_column).to_pylist():
+            raise RuntimeError("the cascade and the full run wrote their rows in other orders")
+        full = {n: _matrix(full_table, _member_probs(plan, n), full_ok) for n in names}
+        full_ensemble = _matrix(full_table, _ensemble_probs(plan), full_ok)
+        scored = np.array([e is None for e in table.column("error").to_pylist()])
+        all_stages = np.array(table.column("cascade_stage").to_pylist(), dtype=object)[scored]
+        cascade = cascade_metrics(
+            task.metrics(probs["ensemble"], y),
+            task.metrics(full_ensemble, full_y),
+            [int(s) for s in all_stages],
+            len(cfg.cascade.stages),
+            summary.member_seconds,
+            summary.scored,
+            full_summary.member_seconds,
+            full_summary.scored,
+        )
+        cascade_plot = _cost_accuracy(
+            report, plan, full, full_y, full_summary.member_seconds, full_summary.scored, cascade
+        )
+        probs = {**full, "ensemble": probs["ensemble"]}
+        if len(full_y) != len(y) or not np.array_equal(full_y, y):
+            raise RuntimeError("the cascade and the full run scored different rows")
     tops = {n: np.nan_to_num(probs[n], nan=0.0).argmax(axis=1) for n in names}
     metrics = {
         "members": {n: task.metrics(probs[n], y) for n in names},
@@ -273,9 +458,13 @@ def evaluate(
         "combine": cfg.reducer.combine,
         "labels": list(cfg.labels),
     }
+    if cascade is not None:
+        metrics["cascade"] = cascade
     report.join("metrics.json").write_bytes((json.dumps(metrics, indent=2) + "\n").encode())
     report.join("metrics.csv").write_bytes(metrics_table(metrics).to_csv().encode())
     images = _plots(report, list(cfg.labels), probs, y)
+    if cascade is not None:
+        images.append(cascade_plot)
     pairs = "\n".join(
         f"| {k.replace('|', ' / ')} | {v:.4f} |" for k, v in metrics["agreement"].items()
     )
@@ -288,6 +477,7 @@ def evaluate(
         "",
         render_report(metrics),
         "",
+        *([render_cascade_metrics(cascade), ""] if cascade is not None else []),
         "## Agreement between members (share of rows with the same top label)",
         "",
         "| pair | agreement |",

@@ -42,7 +42,7 @@ from pipelines.io import (
     read_column,
     require_column,
 )
-from pipelines.plan import EnsemblePlan
+from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.stacking import StackingModel
 
 __all__ = [
@@ -141,6 +141,9 @@ def collect_member_outputs(
     from pipelines.plan import hosts_on_cluster
 
     check_single_label(plan, "fit")
+    if plan.config.cascade is not None:
+        # Fitting reads every member on every row.
+        plan = without_cascade(plan)
     cfg = plan.config
     names = [m.name for m in cfg.members]
     if not isinstance(inputs, InputFiles):
@@ -409,10 +412,12 @@ def choose_combination(
     names: list[str],
     method: str,
     allowed: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> tuple[list[Candidate], str, list[float], StackingModel | None]:
     """The candidates' CV scores, and the winner fitted on every row: its name, its
-    (shrunk) weights and, for stacking, its meta-model. ``member_probs``: calibrated."""
-    methods = FIT_CANDIDATES if method == AUTO else (method,)
+    (shrunk) weights and, for stacking, its meta-model. ``member_probs``: calibrated.
+    ``allowed``: the combinations the task offers; ``exclude``: ones ``auto`` leaves out."""
+    methods = tuple(m for m in FIT_CANDIDATES if m not in exclude) if method == AUTO else (method,)
     if allowed is not None:
         methods = tuple(m for m in methods if m in allowed)
     candidates = compare_combinations(member_probs, y, labels, names, methods)
@@ -432,14 +437,24 @@ def choose_combination(
     return candidates, chosen.combine, weights, model
 
 
-def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) -> FitResult:
+def fit_ensemble(
+    plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO, *, cascade: bool = False
+) -> FitResult:
     """Temperatures, then the combination: ``method``, or with ``auto`` the candidate
     (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
-    Weights are shrunk toward equal weights by the share CV picks."""
+    Weights are shrunk toward equal weights by the share CV picks.
+
+    ``cascade``: a cascade will be fitted on the result, so stacking, which reads every
+    member, is left out."""
     cfg = plan.config
     offered = tuple(c for c in FIT_CANDIDATES if c in plan.task.combine_methods)
     if method not in (AUTO, *offered):
         raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *offered]}")
+    if cascade and method == "stacking":
+        raise ConfigError(
+            "--combine stacking with --cascade: the stacking meta-model reads every member, "
+            "so a row cannot stop early; use --combine auto, weighted_mean or geometric_mean"
+        )
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
@@ -450,7 +465,13 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     temps = [fit_temperature(z, y) for z in data.logits]
     after = calibrated(data.logits, temps)
     candidates, chosen, weights, model = choose_combination(
-        after, y, list(cfg.labels), data.names, method, offered
+        after,
+        y,
+        list(cfg.labels),
+        data.names,
+        method,
+        offered,
+        ("stacking",) if cascade else (),
     )
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen, model, y)
@@ -489,6 +510,7 @@ def write_fitted_config(
     result: FitResult,
     *,
     revisions: Mapping[str, str] | None = None,
+    cascade: Mapping[str, Any] | None = None,
 ) -> Path:
     """The user's config with fitted temperatures, weights or stacking model. Returns the
     path written; a stacking model goes beside it as ``<name>.stacking.json``.
@@ -501,7 +523,10 @@ def write_fitted_config(
 
     ``revisions``: member name -> hub commit (``EnsemblePlan.revisions`` of the plan that
     was fitted), written as those members' ``revision:`` so the fitted config loads the
-    very weights its temperatures and weights were fitted on."""
+    very weights its temperatures and weights were fitted on.
+
+    ``cascade``: the ``cascade`` block `fit --cascade` chose; it replaces the config's
+    own, and an empty one removes it (no cascade kept the bounds)."""
     output = Path(output)
     out_dir = output.resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -528,6 +553,10 @@ def write_fitted_config(
         result.stacking.save(stacking_file)
         reducer["stacking"] = stacking_file.name
     data["reducer"] = reducer
+    if cascade is not None:
+        data.pop("cascade", None)
+        if cascade:
+            data["cascade"] = dict(cascade)
     header = (
         f"# Fitted by `ray-ensemble fit` on {result.rows} labelled rows "
         f"(combine: {result.combine}).\n"

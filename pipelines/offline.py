@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -209,6 +210,7 @@ def build_dataset(
                 "threads": host.threads,
                 "batch_threads": True,
                 "progress": progress if i == len(hosts) - 1 else None,
+                "timer": progress,
             },
             batch_format="pyarrow",
             batch_size=window_rows(plan),
@@ -236,6 +238,9 @@ class ScoreSummary:
     files: int
     output: str
     resumed: int = 0  # rows an earlier run had committed
+    # Each member's forward seconds in this run, timed in the hosts (tokenising
+    # excluded); None when the job scored nothing itself.
+    member_seconds: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +319,7 @@ def run_job(
             f"{resumed:,}",
             len(committed.parts),
         )
-    hosts = hosts_on_cluster(job.plan.config, cpu_fallback=cpu_fallback)
+    hosts = hosts_on_cluster(job.plan.config, cpu_fallback=cpu_fallback, pipeline=True)
     with (
         job_data_context(),
         progress_log(_total_rows(job.inputs), resumed, progress_interval_s) as progress,
@@ -332,9 +337,21 @@ def run_job(
             StagedParquetSink(out, job.inputs.names, rows_per_file),
             ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
+        seconds = _member_seconds(progress)
     success = verify(out, job.inputs)
     publish(out, success)
-    return _summary(success, out, resumed=resumed)
+    summary = _summary(success, out, resumed=resumed)
+    return dataclasses.replace(summary, member_seconds=seconds)
+
+
+def _member_seconds(progress: Any) -> dict[str, float] | None:
+    import ray
+
+    try:
+        return ray.get(progress.handle.member_seconds.remote(), timeout=30)
+    except Exception:  # the counter restarting: the cost is unknown, the rows are fine
+        logger.warning("score: the members' forward seconds were lost with the row counter")
+        return None
 
 
 def _read_success(out: OutputJob) -> dict:

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "pin_member",
     "plan_ensemble",
     "plan_hosts",
+    "without_cascade",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,12 @@ class EnsemblePlan:
 
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def without_cascade(plan: EnsemblePlan) -> EnsemblePlan:
+    """The same plan running every member on every row: the same members, weights and
+    combination, the ``cascade`` block removed."""
+    return dataclasses.replace(plan, config=plan.config.model_copy(update={"cascade": None}))
 
 
 def public_model_name(model: str) -> str:
@@ -205,45 +213,11 @@ def _own_host(member: MemberConfig, on_gpu: bool) -> bool:
     return member.own_host or (on_gpu and member.num_gpus >= 1)
 
 
-def plan_hosts(
-    cfg: EnsembleConfig,
-    cluster: dict,
-    max_node_cpus: float,
-    *,
-    cpu_fallback: bool,
-    colocate: bool = True,
-    shared_replicas: tuple[int, int] | None = None,
-) -> list[HostResources]:
-    """Which members share a host, and each host's CPU, GPU and replica requests.
-
-    Members that fit on one device share a host: every CPU member, and GPU members whose
-    ``num_gpus`` add up to at most 1. A member with ``own_host: true`` or a GPU (or more)
-    of its own gets a host of its own; ``colocate=False`` gives every member its own.
-    Hosts without ``num_cpus`` share the CPUs evenly, leaving a little for the light
-    stages so the pipeline cannot deadlock on a small machine.
-
-    ``cpu_fallback``: with no GPU in the cluster, run GPU members on CPU (a Ray this
-    process started never grows GPUs); otherwise keep asking for GPUs, which an
-    autoscaling cluster adds.
-    """
-    total_cpus = float(cluster.get("CPU", 0))
-    has_gpu = float(cluster.get("GPU", 0)) > 0
-    gpu_members = [m.name for m in cfg.members if m.num_gpus > 0]
-    if gpu_members and not has_gpu:
-        if cpu_fallback:
-            logger.warning(
-                "members %s ask for GPUs but Ray has none; running them on CPU", gpu_members
-            )
-        else:
-            logger.warning(
-                "members %s ask for GPUs and the cluster has none yet: waiting for the "
-                "autoscaler to add GPU nodes",
-                gpu_members,
-            )
-            has_gpu = True
-    on_gpu = {m.name: m.num_gpus > 0 and has_gpu for m in cfg.members}
+def _device_groups(
+    cfg: EnsembleConfig, on_gpu: dict[str, bool], own: set[str], colocate: bool
+) -> list[list[MemberConfig]]:
+    """Members that fit on one device together, in order of their first member."""
     groups: list[list[MemberConfig]] = []
-    own: set[str] = set()
     shared_cpu: list[MemberConfig] = []
     shared_gpu: list[list[MemberConfig]] = []  # first fit, each at most one GPU
     for m in cfg.members:
@@ -262,6 +236,89 @@ def plan_hosts(
             shared_cpu.append(m)
     groups += shared_gpu + ([shared_cpu] if shared_cpu else [])
     groups.sort(key=lambda g: min(cfg.members.index(m) for m in g))
+    return groups
+
+
+def _stage_groups(
+    cfg: EnsembleConfig, on_gpu: dict[str, bool], own: set[str]
+) -> list[list[MemberConfig]]:
+    """Hosts a row passes through in turn, for a cascade: in stage order, so that a
+    stage's exit is known before a later stage's members run. A host holds the members
+    of consecutive stages that share its device (all on CPU, say, which is one host)."""
+    by_name = {m.name: m for m in cfg.members}
+    groups: list[list[MemberConfig]] = []
+    kinds: list[str] = []
+    for stage in cfg.cascade.stages:  # type: ignore[union-attr]
+        members = [by_name[n] for n in stage]
+
+        def kind(m: MemberConfig) -> str:
+            if _own_host(m, on_gpu[m.name]):
+                return "own"
+            return "gpu" if on_gpu[m.name] else "cpu"
+
+        # Members that can join the last host first: fewer hosts, same order of stages.
+        last = kinds[-1] if kinds else None
+        for m in sorted(members, key=lambda m: (kind(m) != last, kind(m))):
+            k = kind(m)
+            shared_gpu = sum(x.num_gpus for x in groups[-1]) if groups else 0.0
+            room = k == "cpu" or shared_gpu + m.num_gpus <= 1
+            if k != "own" and kinds and kinds[-1] == k and room:
+                groups[-1].append(m)
+                continue
+            groups.append([m])
+            kinds.append(k)
+            if k == "own":
+                own.add(m.name)
+    return groups
+
+
+def plan_hosts(
+    cfg: EnsembleConfig,
+    cluster: dict,
+    max_node_cpus: float,
+    *,
+    cpu_fallback: bool,
+    colocate: bool = True,
+    shared_replicas: tuple[int, int] | None = None,
+    pipeline: bool = False,
+) -> list[HostResources]:
+    """Which members share a host, and each host's CPU, GPU and replica requests.
+
+    Members that fit on one device share a host: every CPU member, and GPU members whose
+    ``num_gpus`` add up to at most 1. A member with ``own_host: true`` or a GPU (or more)
+    of its own gets a host of its own; ``colocate=False`` gives every member its own.
+    Hosts without ``num_cpus`` share the CPUs evenly, leaving a little for the light
+    stages so the pipeline cannot deadlock on a small machine.
+
+    ``cpu_fallback``: with no GPU in the cluster, run GPU members on CPU (a Ray this
+    process started never grows GPUs); otherwise keep asking for GPUs, which an
+    autoscaling cluster adds.
+
+    ``pipeline``: the hosts are stages a row passes through in turn (offline). With a
+    cascade they then follow its stages (see :func:`_stage_groups`); online, the
+    endpoint calls its hosts stage by stage itself.
+    """
+    total_cpus = float(cluster.get("CPU", 0))
+    has_gpu = float(cluster.get("GPU", 0)) > 0
+    gpu_members = [m.name for m in cfg.members if m.num_gpus > 0]
+    if gpu_members and not has_gpu:
+        if cpu_fallback:
+            logger.warning(
+                "members %s ask for GPUs but Ray has none; running them on CPU", gpu_members
+            )
+        else:
+            logger.warning(
+                "members %s ask for GPUs and the cluster has none yet: waiting for the "
+                "autoscaler to add GPU nodes",
+                gpu_members,
+            )
+            has_gpu = True
+    on_gpu = {m.name: m.num_gpus > 0 and has_gpu for m in cfg.members}
+    own: set[str] = set()
+    if pipeline and colocate and cfg.cascade is not None:
+        groups = _stage_groups(cfg, on_gpu, own)
+    else:
+        groups = _device_groups(cfg, on_gpu, own, colocate)
 
     def replicas(group: list[MemberConfig]) -> tuple[int, int]:
         if shared_replicas is not None and group[0].name not in own:
@@ -329,6 +386,7 @@ def hosts_on_cluster(
     cpu_fallback: bool,
     colocate: bool = True,
     shared_replicas: tuple[int, int] | None = None,
+    pipeline: bool = False,
 ) -> list[HostResources]:
     """:func:`plan_hosts` on the running cluster, after checking that the GPU members fit
     in their share of GPU memory (ConfigError otherwise)."""
@@ -344,4 +402,5 @@ def hosts_on_cluster(
         cpu_fallback=cpu_fallback,
         colocate=colocate,
         shared_replicas=shared_replicas,
+        pipeline=pipeline,
     )

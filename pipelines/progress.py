@@ -36,9 +36,18 @@ class _Progress:
     def __init__(self) -> None:
         self.run = uuid.uuid4().hex
         self.rows = 0
+        self.seconds: dict[str, float] = {}
 
     def add(self, rows: int) -> None:
         self.rows += rows
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        """Members' forward seconds, timed in a host (what `evaluate` reports as cost)."""
+        for name, s in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + s
+
+    def member_seconds(self) -> dict[str, float]:
+        return dict(self.seconds)
 
     def get(self) -> tuple[str, int]:
         return self.run, self.rows
@@ -83,13 +92,22 @@ class RowCounter:
 
     def add(self, rows: int) -> None:
         """Fire and forget: a count is lost, never a row."""
+        if (handle := self._resolved()) is not None:
+            handle.add.remote(rows)
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        """Members' forward seconds, timed in a host (what `evaluate` reports as cost)."""
+        if (handle := self._resolved()) is not None:
+            handle.add_seconds.remote(seconds)
+
+    def _resolved(self) -> Any:
         handle = _HANDLES.get(self.name)
         if handle is None:
             try:
                 handle = _HANDLES[self.name] = self.handle
             except ValueError:  # the job is over, or its counter is restarting
-                return
-        handle.add.remote(rows)
+                return None
+        return handle
 
 
 # Per process: the handle each host resolved once.
@@ -141,7 +159,8 @@ def _line(total: int | None, done: int, rows: int, took: float) -> str:
 @contextlib.contextmanager
 def progress_log(total: int | None, done: int, interval_s: float) -> Iterator[RowCounter]:
     """Log one progress line every ``interval_s`` seconds while the block runs; yields
-    the counter whose ``add(rows)`` the hosts call (Ray must be running).
+    the counter whose ``add(rows)`` the hosts call (Ray must be running), and whose
+    ``add_seconds({member: seconds})`` they call with each member's forward seconds.
 
     ``total``: the job's rows when known up front (Parquet), ``done``: rows committed by
     an earlier run (``--resume``)."""

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from transformers import (
@@ -72,3 +74,25 @@ class MeanPoolClassifier(nn.Module):
         m = attention_mask[..., None].to(torch.float32)
         pooled = (self.embed(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
         return self.mlp(pooled)
+
+
+class Sleeper(nn.Module):
+    """A member slow on purpose: a forward pass over a batch holding the token
+    ``slow_id`` sleeps ``sleep_s`` first (other batches answer at once). Mean-pooled
+    embeddings and a linear head."""
+
+    def __init__(
+        self, vocab_size: int, dim: int, num_labels: int, slow_id: int, sleep_s: float
+    ) -> None:
+        super().__init__()
+        self.slow_id = int(slow_id)
+        self.sleep_s = float(sleep_s)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.head = nn.Linear(dim, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if bool((input_ids == self.slow_id).any()):
+            time.sleep(self.sleep_s)
+        m = attention_mask[..., None].to(torch.float32)
+        pooled = (self.embed(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(pooled)

@@ -202,6 +202,14 @@ def test_demo_quick_trains_fits_and_reports_both_sets(ray_cluster, tmp_path, cap
     assert "fit: combinations by 5-fold cross-validated NLL" in printed
     assert "In domain: Rotten Tomatoes test split" in printed
     assert "Off domain, never trained or tuned on" in printed
+    assert "fit --cascade: member forward ms/row: minilm_l6" in printed
+    assert (work / "cascade.yaml").is_file()
+    cascade = yaml.safe_load((work / "cascade.yaml").read_text()).get("cascade")
+    if cascade is not None:  # a cascade within the bounds: set against the full ensemble
+        assert printed.count("Cascade against the full ensemble") == 2
+        for name in ("test", "off-domain"):
+            block = json.loads((work / "report" / f"cascade-{name}" / "metrics.json").read_text())
+            assert sum(block["cascade"]["stage_shares"]) == pytest.approx(1.0)
 
     for name, rows in (("test", QUICK["eval_rows"]), ("off-domain", QUICK["off_rows"])):
         report = work / "report" / name

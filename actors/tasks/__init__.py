@@ -7,7 +7,15 @@ online endpoint and ``evaluate`` all ask the object instead of testing the name.
 
 from __future__ import annotations
 
-from actors.tasks.base import HeadInfo, HeadMismatch, MemberSpec, OutputField, Scored, Task
+from actors.tasks.base import (
+    CASCADE_FIELD,
+    HeadInfo,
+    HeadMismatch,
+    MemberSpec,
+    OutputField,
+    Scored,
+    Task,
+)
 from actors.tasks.classification import ClassificationTask
 from actors.tasks.embedding import EmbeddingTask
 from actors.tasks.token_classification import TokenClassificationTask
@@ -40,7 +48,7 @@ def get_task(name: str) -> Task:
 def all_output_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Every task's ensemble output columns and member column prefixes: an input column
     with one of these names would be mistaken for the scorer's."""
-    names: dict[str, None] = {"error": None}
+    names: dict[str, None] = {"error": None, CASCADE_FIELD.name: None}
     prefixes: dict[str, None] = {}
     for task in TASKS.values():
         names.update(dict.fromkeys(f.name for f in task.fields if not f.member))

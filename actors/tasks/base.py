@@ -10,8 +10,8 @@ module tests a task's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -94,6 +94,13 @@ class OutputField:
 
 # Every task's rows end in this column: why a row was not scored, or null.
 ERROR_FIELD = OutputField("error", pa.string(), doc="null when scored; else why not")
+# With a cascade: the number of stages the row ran (null for an error row).
+CASCADE_FIELD = OutputField(
+    "cascade_stage",
+    pa.int32(),
+    lambda value, labels: value,
+    doc="the number of cascade stages the row ran",
+)
 
 
 @dataclass
@@ -103,12 +110,19 @@ class Scored:
     ``columns``: the ensemble fields; ``members``: per member name, its member fields.
     Values are numpy arrays with a first axis of ``n``. Rows that are not ``valid``
     hold NaN or None, and ``error`` says why.
+
+    ``absent``: per member name, ``(n,)`` True where the member did not run for the row
+    (a cascade stopped before it, or its host was missing); its fields there are null.
+    ``missing``: per member name, ``(n,)`` True where its host failed or timed out (a
+    quorum answer online), a subset of ``absent``. Members not named ran on every row.
     """
 
     columns: dict[str, np.ndarray]
     members: dict[str, dict[str, np.ndarray]]
     valid: np.ndarray
     error: list[str | None]
+    absent: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -121,6 +135,8 @@ class Scored:
             members={m: {k: v[start:end] for k, v in f.items()} for m, f in self.members.items()},
             valid=self.valid[start:end],
             error=self.error[start:end],
+            absent={m: v[start:end] for m, v in self.absent.items()},
+            missing={m: v[start:end] for m, v in self.missing.items()},
         )
 
     @staticmethod
@@ -128,6 +144,16 @@ class Scored:
         """The rows of ``parts``, in order (a request whose rows went through several
         batches)."""
         first = parts[0]
+
+        def masks(name: str) -> dict[str, np.ndarray]:
+            keys = dict.fromkeys(m for p in parts for m in getattr(p, name))
+            return {
+                m: np.concatenate(
+                    [getattr(p, name).get(m, np.zeros(p.rows, dtype=bool)) for p in parts]
+                )
+                for m in keys
+            }
+
         return Scored(
             columns={k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
             members={
@@ -136,7 +162,13 @@ class Scored:
             },
             valid=np.concatenate([p.valid for p in parts]),
             error=[e for p in parts for e in p.error],
+            absent=masks("absent"),
+            missing=masks("missing"),
         )
+
+    def members_missing(self, row: int) -> list[str]:
+        """The members whose hosts were missing for ``row``, in config order."""
+        return [m for m, rows in self.missing.items() if rows[row]]
 
 
 def _to_arrow(values: np.ndarray, kind: pa.DataType, valid: np.ndarray) -> pa.Array:
@@ -187,6 +219,14 @@ class Task:
                 f"{list(self.combine_methods)}"
             )
 
+    def check_partial(self, cfg: Any, why: str) -> None:
+        """Raise ValueError unless this task can answer a row from some of its members
+        (a quorum online, a cascade); ``why`` names the setting that asks for it."""
+        raise ValueError(
+            f"{why}: {self.name} ensembles need every member for every row (the combined "
+            "answer would change shape or meaning without one); remove the setting"
+        )
+
     def member_spec(self, member: Any, head: HeadInfo, cfg: Any) -> MemberSpec:
         """What the pipeline needs of a member; HeadMismatch when its head does not fit."""
         raise NotImplementedError
@@ -200,6 +240,8 @@ class Task:
     def output_fields(self, cfg: Any) -> list[tuple[OutputField, str | None]]:
         """(field, member) for every column the scorer writes, in order, ``error`` last."""
         out: list[tuple[OutputField, str | None]] = [(f, None) for f in self.fields if not f.member]
+        if getattr(cfg, "cascade", None) is not None:
+            out.append((CASCADE_FIELD, None))
         if cfg.reducer.output_members:
             out += [(f, m.name) for f in self.fields if f.member for m in cfg.members]
         return [*out, (ERROR_FIELD, None)]
@@ -281,17 +323,37 @@ class Task:
         plan: EnsemblePlan,
         valid: np.ndarray | None = None,
         errors: Sequence[str | None] | None = None,
+        absent: Mapping[str, np.ndarray] | None = None,
+        missing: Mapping[str, np.ndarray] | None = None,
+        cascade_stage: np.ndarray | None = None,
         inputs: dict[str, list] | None = None,
     ) -> Scored:
         """The members' outputs (config order) to the ensemble's fields.
 
         ``errors``: why each row was not scored (None: score it); ``valid`` marks the rows
-        to score when no reasons are given. Invalid rows hold NaN or None. ``inputs``: the
-        rows' ``text`` and ``words`` (lists), for a task whose outputs quote its input."""
+        to score when no reasons are given. Invalid rows hold NaN or None. ``absent``:
+        per member, the rows it did not run for (its outputs there are NaN), which the
+        combination leaves out; ``missing``: the rows its host was missing for (a quorum
+        answer). ``cascade_stage``: with a cascade, the stages each row ran. ``inputs``:
+        the rows' ``text`` and ``words`` (lists), for a task whose outputs quote its input.
+        See :class:`Scored`."""
         errors = list(errors) if errors is not None else [None] * len(outputs[0])
         if valid is None:
             valid = np.array([e is None for e in errors], dtype=bool)
-        return self._reduce(outputs, plan, np.array(valid, dtype=bool), errors, inputs)
+        gone = {m: np.asarray(v, dtype=bool) for m, v in (absent or {}).items()}
+        scored = self._reduce(outputs, plan, np.array(valid, dtype=bool), errors, gone, inputs)
+        scored.absent = gone
+        scored.missing = {m: np.asarray(v, dtype=bool) for m, v in (missing or {}).items()}
+        if cascade_stage is not None:
+            scored.columns[CASCADE_FIELD.name] = np.asarray(cascade_stage, dtype=np.int64)
+        return scored
+
+    def exit_scores(
+        self, outputs: Mapping[str, np.ndarray], plan: EnsemblePlan, members: Sequence[str]
+    ) -> np.ndarray:
+        """The top probability ``(n,)`` of the ensemble so far over ``members``, from their
+        outputs by name: what a cascade compares with its ``exit_at``."""
+        raise NotImplementedError(f"{self.name} ensembles cannot run a cascade")
 
     def _reduce(
         self,
@@ -299,6 +361,7 @@ class Task:
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        absent: Mapping[str, np.ndarray],
         inputs: dict[str, list] | None = None,
     ) -> Scored:
         raise NotImplementedError
@@ -313,7 +376,10 @@ class Task:
                 out[f.name] = pa.array(scored.error, type=pa.string())
                 continue
             values = scored.members[member][f.name] if member else scored.columns[f.name]
-            out[f.column(member)] = _to_arrow(values, f.arrow_type, scored.valid)
+            valid = scored.valid
+            if member in scored.absent:
+                valid = valid & ~scored.absent[member]
+            out[f.column(member)] = _to_arrow(values, f.arrow_type, valid)
         return out
 
     def to_json(self, scored: Scored, cfg: Any) -> list[dict]:
@@ -333,6 +399,8 @@ class Task:
             record: dict[str, Any] = {}
             members: dict[str, dict] = {}
             for f, m in fields:
+                if m is not None and m in scored.absent and scored.absent[m][i]:
+                    continue  # a member that did not run for this row is left out
                 rendered = f.json(values[(f.name, m)][i], labels)  # type: ignore[misc]
                 if m is None:
                     record[f.name] = rendered
@@ -340,6 +408,9 @@ class Task:
                     members.setdefault(m, {}).update(rendered)
             if members:
                 record["members"] = members
+            missing = scored.members_missing(i)
+            if missing:
+                record["members_missing"] = missing
             records.append(record)
         return records
 

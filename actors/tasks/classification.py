@@ -3,7 +3,7 @@ class logits, aligned to the ensemble's labels and combined by the reducer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,8 @@ from actors.reducer import (
     AlignmentError,
     align_logits,
     build_label_index,
+    normalise,
+    prefix_top,
     reduce_classification,
 )
 from actors.tasks.base import (
@@ -163,6 +165,14 @@ class ClassificationTask(Task):
                 "one with `ray-ensemble fit CONFIG --combine stacking ...`"
             )
 
+    def check_partial(self, cfg: Any, why: str) -> None:
+        # The other combinations renormalise the weights over the members present.
+        if cfg.reducer.combine == "stacking":
+            raise ValueError(
+                f"{why}: the stacking meta-model reads every member's output; use "
+                "weighted_mean or geometric_mean, or remove the setting"
+            )
+
     def member_spec(self, member: Any, head: HeadInfo, cfg: Any) -> MemberSpec:
         _check_head(head)
         # A model that names no labels (a plain module, a graph) gives the ensemble's.
@@ -185,6 +195,11 @@ class ClassificationTask(Task):
                 "config.json"
             )
         multi_label = any(multi.values())
+        if multi_label and cfg.cascade is not None:
+            raise HeadMismatch(
+                "cascade: these members are multi-label (sigmoid), which gives no single top "
+                "probability to stop on; remove the cascade block"
+            )
         if cfg.reducer.combine == "stacking":
             if multi_label:
                 raise HeadMismatch(
@@ -212,6 +227,7 @@ class ClassificationTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        absent: Mapping[str, np.ndarray],
         inputs: dict[str, list] | None = None,
     ) -> Scored:
         cfg = plan.config
@@ -224,6 +240,7 @@ class ClassificationTask(Task):
             multi_label=plan.multi_label,
             valid=valid,
             stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
+            ran=_ran(absent, cfg, len(valid)),
         )
         for i, err in enumerate(red.error):
             if err is not None:
@@ -245,11 +262,32 @@ class ClassificationTask(Task):
             error=errors,
         )
 
+    def exit_scores(
+        self, outputs: Mapping[str, np.ndarray], plan: EnsemblePlan, members: Sequence[str]
+    ) -> np.ndarray:
+        by_name = {m.name: m for m in plan.config.members}
+        probs = np.stack(
+            [
+                normalise(outputs[m], temperature=by_name[m].temperature, multi_label=False)
+                for m in members
+            ]
+        )
+        weights = np.array([by_name[m].weight for m in members], dtype=np.float64)
+        return prefix_top(probs, weights, plan.config.reducer.combine)
+
     def json_error(self, error: str | None) -> dict:
         return {"label": None, "score": None, "probs": None, "error": error}
 
     def metrics(self, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return metrics(probs, y)
+
+
+def _ran(absent: Mapping[str, np.ndarray], cfg: Any, n: int) -> np.ndarray | None:
+    """``(M, n)``: whether each member ran for each row; None when all ran on all."""
+    if not absent:
+        return None
+    every = np.ones(n, dtype=bool)
+    return np.stack([~absent[m.name] if m.name in absent else every for m in cfg.members])
 
 
 def _check_head(head: HeadInfo) -> None:

@@ -3,7 +3,7 @@ concatenated or averaged, and the result L2-normalised."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,7 @@ class EmbeddingTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        absent: Mapping[str, np.ndarray],
         inputs: dict[str, list] | None = None,
     ) -> Scored:
         cfg = plan.config

@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -520,8 +520,10 @@ class TokenClassificationTask(Task):
         plan: EnsemblePlan,
         valid: np.ndarray,
         errors: list[str | None],
+        absent: Mapping[str, np.ndarray],
         inputs: dict[str, list] | None = None,
     ) -> Scored:
+        # ``absent`` is always empty: check_partial refuses quorums and cascades here.
         cfg = plan.config
         n = len(errors)
         inputs = inputs or {}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,9 @@ import pyarrow as pa
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.host import EnsembleHost
+from actors.host import EnsembleHost, cascade_absent, close_stage, final_stages
 from actors.tasks.base import Scored
-from pipelines.online.http import HttpApi, app, unavailable
+from pipelines.online.http import ApiError, HttpApi, app, unavailable
 from pipelines.plan import LIGHT_TASK_CPUS, EnsemblePlan, hosts_on_cluster, plan_ensemble
 
 __all__ = ["EnsembleServer", "HostServer", "app_builder", "build_app"]
@@ -57,8 +57,13 @@ def _chunk_texts(chunks: list[Chunk]) -> int:
     return sum(len(texts) for texts, _ in chunks)
 
 
-def _call_texts(calls: list[list[Chunk]]) -> int:
-    return sum(_chunk_texts(call) for call in calls)
+# A call to a member host: the chunks of one ensemble batch, and the members to run
+# (None: all it holds; a cascade's stage runs some).
+HostCall = tuple[list[Chunk], tuple[str, ...] | None]
+
+
+def _call_texts(calls: list[HostCall]) -> int:
+    return sum(_chunk_texts(chunks) for chunks, _ in calls)
 
 
 def _kind(text: Any, pair: Any) -> int:
@@ -104,7 +109,9 @@ class Linger:
             self.in_flight -= 1
 
 
-def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+def run_chunks(
+    host: EnsembleHost, chunks: Sequence[Chunk], only: Collection[str] | None = None
+) -> list[list[np.ndarray]]:
     """Each chunk's outputs, one array per member of ``host``, in one pass per kind.
 
     Chunks with and without a text pair cannot share one tokenizer call."""
@@ -116,10 +123,10 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
         texts = [t for i in idx for t in chunks[i][0]]
         pairs = [p for i in idx for p in chunks[i][1]] if kind == 1 else None  # type: ignore[union-attr]
         if kind == 2:
-            outputs = host.infer(None, None, words=texts)
+            outputs = host.infer(None, None, words=texts, only=only)
         else:
             # The offline host's cut (input.max_chars), for the same answer both ways.
-            outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None)
+            outputs = host.infer(_cut(host, texts), _cut(host, pairs) if pairs else None, only=only)
         start = 0
         for i in idx:
             end = start + len(chunks[i][0])
@@ -132,7 +139,9 @@ def run_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndar
 BATCHES_IN_FLIGHT = 2
 
 
-async def forward_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[list[np.ndarray]]:
+async def forward_chunks(
+    host: EnsembleHost, chunks: Sequence[Chunk], only: Collection[str] | None = None
+) -> list[list[np.ndarray]]:
     """:func:`run_chunks`, where it runs best.
 
     On CPU, on the event loop Serve runs user code on (its own thread, apart from the
@@ -141,8 +150,24 @@ async def forward_chunks(host: EnsembleHost, chunks: Sequence[Chunk]) -> list[li
     which starts when this one returns. With members on a GPU, on a worker thread: the
     next batch is tokenised on the loop while the device runs this one."""
     if not host.on_accelerator:
-        return run_chunks(host, chunks)
-    return await asyncio.to_thread(run_chunks, host, chunks)
+        return run_chunks(host, chunks, only)
+    return await asyncio.to_thread(run_chunks, host, chunks, only)
+
+
+def _select(chunks: Sequence[Chunk], rows: np.ndarray) -> list[Chunk]:
+    """The chunks cut down to ``rows`` (indices over all their texts, ascending), in
+    order; chunks left with no row are dropped."""
+    out: list[Chunk] = []
+    start = 0
+    for texts, pairs in chunks:
+        end = start + len(texts)
+        mine = rows[(rows >= start) & (rows < end)] - start
+        if mine.size:
+            out.append(
+                ([texts[i] for i in mine], [pairs[i] for i in mine] if pairs is not None else None)
+            )
+        start = end
+    return out
 
 
 def _cut(host: EnsembleHost, texts: list[str]) -> list[str]:
@@ -191,18 +216,25 @@ class HostServer:
     async def ready(self) -> bool:
         return True
 
-    async def infer(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
-        """The chunks of one ensemble batch in; per chunk, one array per member out."""
-        return await self.linger.call(chunks)
+    async def infer(
+        self, chunks: list[Chunk], only: tuple[str, ...] | None = None
+    ) -> list[list[np.ndarray]]:
+        """The chunks of one ensemble batch in; per chunk, one array per member out.
+        ``only``: the members to run (a cascade's stage); the others' arrays are NaN."""
+        return await self.linger.call((chunks, only))
 
     @serve.batch(batch_size_fn=_call_texts, max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def _batched(self, calls: list[list[Chunk]]) -> list[list[list[np.ndarray]]]:
-        flat = [chunk for call in calls for chunk in call]
-        out = await forward_chunks(self.host, flat)
-        answers, start = [], 0
-        for call in calls:
-            answers.append(out[start : start + len(call)])
-            start += len(call)
+    async def _batched(self, calls: list[HostCall]) -> list[list[list[np.ndarray]]]:
+        answers: list[list[list[np.ndarray]]] = [[] for _ in calls]
+        # Calls for the same members share one pass.
+        for only in dict.fromkeys(only for _, only in calls):
+            mine = [i for i, (_, o) in enumerate(calls) if o == only]
+            flat = [chunk for i in mine for chunk in calls[i][0]]
+            out = await forward_chunks(self.host, flat, only)
+            start = 0
+            for i in mine:
+                answers[i] = out[start : start + len(calls[i][0])]
+                start += len(calls[i][0])
         return answers
 
 
@@ -224,6 +256,7 @@ class EnsembleServer(HttpApi):
         threads: int,
         handle_options: dict[str, Any] | None = None,
     ) -> None:
+        from ray.serve import metrics as serve_metrics
         from ray.util import metrics
 
         HttpApi.__init__(self, plan)
@@ -261,6 +294,15 @@ class EnsembleServer(HttpApi):
             description="Texts where some voting member's top label differs from the "
             "ensemble's; divide by ensemble_rows_total for the share.",
         )
+        # Served as ray_ensemble_partial_answers_total{member}.
+        self.partial = serve_metrics.Counter(
+            "ensemble_partial_answers_total",
+            description="Texts answered without a member whose host failed or did not "
+            "answer within serve.member_timeout_s (a quorum answer).",
+            tag_keys=("member",),
+        )
+        self.quorum = self.limits.min_members or len(self.cfg.members)
+        self.plan_specs = {spec.name: spec for spec in plan.specs}
 
     async def members_not_ready(self) -> list[str]:
         """Members on hosts of their own that do not answer yet. This replica's own
@@ -322,7 +364,7 @@ class EnsembleServer(HttpApi):
         try:
             return await self._run(chunks)
         except Exception as exc:
-            if len(chunks) == 1 or unavailable(exc):
+            if len(chunks) == 1 or unavailable(exc) or isinstance(exc, ApiError):
                 return [exc] * len(chunks)
         answers: list[Scored | BaseException] = []
         for chunk in chunks:
@@ -335,16 +377,26 @@ class EnsembleServer(HttpApi):
     async def _run(self, chunks: list[Chunk]) -> list[Scored]:
         """Each chunk's rows through the members and ``plan.task.reduce``, the reduce of
         an offline window, run once for the whole batch."""
-        per_chunk = await self._forward(chunks)
-        outputs = [self.task.concat_outputs([outs[k] for outs in per_chunk]) for k in self.order]
-        inputs = None
-        if self.task.takes_words:
+        if self.cfg.cascade is not None:
+            scored = await self._run_cascade(chunks)
+        else:
+            per_chunk, missing = await self._forward(chunks)
+            outputs = [
+                self.task.concat_outputs([outs[k] for outs in per_chunk]) for k in self.order
+            ]
             items = [t for texts, _ in chunks for t in texts]
-            inputs = {
-                "text": [None if isinstance(t, list) else t for t in items],
-                "words": [t if isinstance(t, list) else None for t in items],
-            }
-        scored = self.task.reduce(outputs, plan=self.plan, inputs=inputs)
+            gone = {name: np.ones(len(items), dtype=bool) for name in missing}
+            inputs = None
+            if self.task.takes_words:
+                inputs = {
+                    "text": [None if isinstance(t, list) else t for t in items],
+                    "words": [t if isinstance(t, list) else None for t in items],
+                }
+            scored = self.task.reduce(
+                outputs, plan=self.plan, absent=gone, missing=gone, inputs=inputs
+            )
+        for name, rows in scored.missing.items():
+            self.partial.inc(int(np.sum(rows & scored.valid)), tags={"member": name})
         self._observe(scored)
         answers, start = [], 0
         for texts, _ in chunks:
@@ -352,17 +404,120 @@ class EnsembleServer(HttpApi):
             start += len(texts)
         return answers
 
-    async def _forward(self, chunks: list[Chunk]) -> list[list[np.ndarray]]:
-        """Per chunk, each member's outputs, local members first."""
+    async def _forward(self, chunks: list[Chunk]) -> tuple[list[list[np.ndarray]], list[str]]:
+        """Per chunk, each member's outputs, local members first (NaN for the members of
+        a host that failed or timed out); and those members, when a quorum still holds."""
         calls = [h.infer.remote(chunks) for _, h in self.remote]
         per_chunk: list[list[np.ndarray]] = [[] for _ in chunks]
         if self.host is not None:
             for i, outs in enumerate(await forward_chunks(self.host, chunks)):
                 per_chunk[i] += outs
-        for result in await asyncio.gather(*calls):
+        results = await asyncio.gather(
+            *(self._answer(names, c) for (names, _), c in zip(self.remote, calls, strict=True))
+        )
+        missing: list[str] = []
+        failures: list[BaseException] = []
+        for (names, _), result in zip(self.remote, results, strict=True):
+            if isinstance(result, BaseException):
+                missing += names
+                failures.append(result)
+        if missing and len(self.cfg.members) - len(missing) < self.quorum:
+            raise failures[0]
+        for (names, _), result in zip(self.remote, results, strict=True):
+            if isinstance(result, BaseException):
+                # A missing member's outputs: NaN rows, which the reduce leaves out.
+                widths = [self.task.output_width(self.plan_specs[m], self.cfg) for m in names]
+                result = [
+                    [np.full((len(texts), w), np.nan, np.float32) for w in widths]
+                    for texts, _ in chunks
+                ]
             for i, outs in enumerate(result):
                 per_chunk[i] += outs
-        return per_chunk
+        return per_chunk, missing
+
+    async def _run_cascade(self, chunks: list[Chunk]) -> Scored:
+        """The batch stage by stage, as an offline host runs a window: each stage's
+        members (here and on member hosts) on the rows still open, then the exit rule."""
+        cfg, cascade = self.cfg, self.cfg.cascade
+        n = _chunk_texts(chunks)
+        outputs = {
+            m.name: np.full(
+                (n, self.task.output_width(self.plan_specs[m.name], cfg)), np.nan, np.float32
+            )
+            for m in cfg.members
+        }
+        state = np.zeros(n, dtype=np.int64)
+        valid = np.ones(n, dtype=bool)
+        missing: dict[str, np.ndarray] = {}
+        failures: list[BaseException] = []
+        for s, stage in enumerate(cascade.stages):
+            rows = np.flatnonzero(state == 0)
+            if rows.size == 0:
+                break  # every row stopped: the later stages have nothing to do
+            part = _select(chunks, rows)
+            local = tuple(m for m in stage if m in self.local)
+            remote = [
+                (names, h, tuple(m for m in names if m in stage))
+                for names, h in self.remote
+                if any(m in stage for m in names)
+            ]
+            calls = [h.infer.remote(part, only) for _, h, only in remote]
+            if local and self.host is not None:
+                got = await forward_chunks(self.host, part, local)
+                for k, member in enumerate(self.host.members):
+                    if member.member.name in local:
+                        outputs[member.member.name][rows] = np.concatenate([c[k] for c in got])
+            results = await asyncio.gather(
+                *(self._answer(only, c) for (_, _, only), c in zip(remote, calls, strict=True))
+            )
+            for (names, _, only), result in zip(remote, results, strict=True):
+                if isinstance(result, BaseException):
+                    failures.append(result)
+                    for m in only:
+                        missing[m] = np.isin(np.arange(n), rows)
+                    continue
+                for k, name in enumerate(names):
+                    if name in only:
+                        outputs[name][rows] = np.concatenate([c[k] for c in result])
+            if missing and len(cfg.members) - len(missing) < self.quorum:
+                raise failures[0]
+            if s < len(cascade.exit_at):
+                close_stage(self.plan, outputs, state, valid, s)
+        stages = final_stages(self.plan, state)
+        absent = cascade_absent(self.plan, stages)
+        for name, rows_missing in missing.items():
+            absent[name] = absent[name] | rows_missing
+        return self.task.reduce(
+            [outputs[m.name] for m in cfg.members],
+            plan=self.plan,
+            absent=absent,
+            missing=missing,
+            cascade_stage=stages,
+        )
+
+    async def _answer(self, names: tuple[str, ...], call: Any) -> Any:
+        """A member host's answer, or why there is none: it failed, or did not answer
+        within ``serve.member_timeout_s``. A fault of the input is the request's."""
+        from actors.host import UnscorableText
+
+        timeout = self.limits.member_timeout_s
+        try:
+            return await asyncio.wait_for(call, timeout) if timeout else await call
+        except UnscorableText:
+            raise
+        except asyncio.TimeoutError:
+            call.cancel()
+            logger.warning("members %s did not answer within %ss", list(names), timeout)
+            return ApiError(
+                503,
+                f"members {list(names)} did not answer within serve.member_timeout_s "
+                f"({timeout}s) and the rest are fewer than serve.min_members ({self.quorum}); "
+                "retry later",
+                "unavailable",
+            )
+        except Exception as exc:
+            logger.warning("members %s failed: %s: %s", list(names), type(exc).__name__, exc)
+            return exc
 
 
 EnsembleDeployment = serve.deployment(serve.ingress(app)(EnsembleServer), name="ensemble")

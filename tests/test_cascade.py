@@ -1,0 +1,466 @@
+"""Cascades: the exit rule, one host and several, offline and online.
+
+The members are the tiny classifiers of conftest; the thresholds are chosen from their
+own answers on the texts, so that rows stop at every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.host import EnsembleHost, reduce_batch
+from actors.reducer import cascade_stages
+from jobs.example import make_texts
+from pipelines.config import ConfigError, config_from_dict
+from pipelines.plan import plan_ensemble, plan_hosts
+
+LABELS = ["negative", "positive"]
+NAMES = ["alpha", "beta", "gamma"]
+WEIGHTS = np.array([2.0, 1.0, 1.0])
+
+
+def members_for(models, **extra):
+    members = [
+        {"name": "alpha", "model": str(models["alpha"]), "weight": 2.0},
+        {"name": "beta", "model": str(models["beta"]), "temperature": 1.5},
+        {
+            "name": "gamma",
+            "model": str(models["gamma"]),
+            "label_map": {"LABEL_0": "negative", "LABEL_1": "positive"},
+        },
+    ]
+    return [{**m, **extra.get(m["name"], {})} for m in members]
+
+
+# --- the exit rule against numpy -------------------------------------------------------------
+
+
+def _numpy_stages(probs, weights, stages, exit_at, pool):
+    """Row by row, stage by stage, as the issue states the rule."""
+    out = []
+    for r in range(probs.shape[1]):
+        ran = len(stages)
+        for i, threshold in enumerate(exit_at):
+            idx = [m for stage in stages[: i + 1] for m in stage]
+            w = weights[idx] / weights[idx].sum()
+            if pool == "weighted_mean":
+                p = (w[:, None] * probs[idx, r]).sum(0)
+            else:  # geometric_mean: normalised weighted log-linear pooling
+                p = np.exp((w[:, None] * np.log(probs[idx, r])).sum(0))
+                p = p / p.sum()
+            if p.max() >= threshold:
+                ran = i + 1
+                break
+        out.append(ran)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("pool", ["weighted_mean", "geometric_mean"])
+@pytest.mark.parametrize(
+    ("stages", "exit_at"),
+    [([[0], [1], [2]], [0.8, 0.7]), ([[2, 0], [1]], [0.75]), ([[1], [0, 2]], [1.0])],
+)
+def test_exit_rule_matches_numpy(pool, stages, exit_at):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2.0, size=(3, 400, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    weights = np.array([2.0, 0.5, 1.0])
+    ours = cascade_stages(probs, weights, pool, stages, exit_at)
+    theirs = _numpy_stages(probs, weights, stages, exit_at, pool)
+    np.testing.assert_array_equal(ours, theirs)
+    assert set(ours) == set(range(1, len(stages) + 1)) - ({1} if exit_at[0] == 1.0 else set())
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cascade", "extra", "needle"),
+    [
+        ({"stages": [["a"], ["b"]], "exit_at": [0.9]}, {}, r"\['c'\] are in no stage"),
+        ({"stages": [["a", "b"], ["b", "c"]], "exit_at": [0.9]}, {}, "more than one stage"),
+        ({"stages": [["a", "x"], ["b", "c"]], "exit_at": [0.9]}, {}, r"\['x'\] are not members"),
+        ({"stages": [["a"], ["b"], ["c"]], "exit_at": [0.9]}, {}, "need 2 thresholds"),
+        ({"stages": [["a"], ["b", "c"]], "exit_at": [0.0]}, {}, r"in \(0, 1\]"),
+        ({"stages": [["a", "b", "c"]], "exit_at": []}, {}, "at least 2"),
+        (
+            {"stages": [["a"], ["b", "c"]], "exit_at": [0.9]},
+            {"task": "embedding", "labels": None},
+            "cascade: embedding ensembles need every member",
+        ),
+        (
+            {"stages": [["a"], ["b", "c"]], "exit_at": [0.9]},
+            {"reducer": {"combine": "stacking", "stacking": "m.json"}},
+            "stacking meta-model",
+        ),
+    ],
+)
+def test_cascade_block_is_checked(tmp_path, cascade, extra, needle):
+    members = [{"name": n, "model": "org/" + n} for n in ("a", "b", "c")]
+    data = {"name": "x", "labels": LABELS, "members": members, "cascade": cascade, **extra}
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(data, base_dir=tmp_path)
+
+
+def test_multi_label_refuses_a_cascade_at_plan_time(tmp_path):
+    from jobs.example import build_classifier
+
+    multi = build_classifier(
+        tmp_path / "multi",
+        id2label={0: "negative", 1: "positive"},
+        problem_type="multi_label_classification",
+    )
+    cfg = config_from_dict(
+        {
+            "name": "m",
+            "labels": LABELS,
+            "members": [{"name": "a", "model": str(multi)}, {"name": "b", "model": str(multi)}],
+            "cascade": {"stages": [["a"], ["b"]], "exit_at": [0.9]},
+        },
+        base_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError, match="multi-label"):
+        plan_ensemble(cfg)
+
+
+def test_offline_hosts_follow_the_stages(models, tmp_path):
+    """Offline, hosts are passed in turn: they follow the stages, and members on one
+    device share a host only across consecutive stages."""
+    members = members_for(models, beta={"own_host": True})
+    cascade = {"stages": [["gamma"], ["beta"], ["alpha"]], "exit_at": [0.9, 0.9]}
+    cfg = config_from_dict(
+        {"name": "h", "labels": LABELS, "members": members, "cascade": cascade},
+        base_dir=tmp_path,
+    )
+    hosts = plan_hosts(cfg, {"CPU": 4.0}, 4.0, cpu_fallback=True, pipeline=True)
+    assert [h.members for h in hosts] == [("gamma",), ("beta",), ("alpha",)]
+    together = cfg.model_copy(
+        update={
+            "cascade": cfg.cascade.model_copy(update={"stages": [["gamma"], ["alpha"], ["beta"]]})
+        }
+    )
+    hosts = plan_hosts(together, {"CPU": 4.0}, 4.0, cpu_fallback=True, pipeline=True)
+    assert [h.members for h in hosts] == [("gamma", "alpha"), ("beta",)]
+    # Online, the endpoint runs the stages itself: the usual layout.
+    hosts = plan_hosts(together, {"CPU": 4.0}, 4.0, cpu_fallback=True)
+    assert [h.members for h in hosts] == [("alpha", "gamma"), ("beta",)]
+
+
+# --- one host and several, in process -----------------------------------------------------------
+
+TEXTS = make_texts(60, seed=31, max_words=30)
+
+
+def _table(texts):
+    n = len(texts)
+    rows = [None if t is None else t for t in texts]
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "text": pa.array(rows, pa.string()),
+            "error": pa.array([None if t else "no text" for t in texts], pa.string()),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(models, tmp_path_factory):
+    """The full ensemble's member distributions on TEXTS, and thresholds from them that
+    stop rows at every stage."""
+    tmp = tmp_path_factory.mktemp("cascade")
+    base = {"name": "c", "labels": LABELS, "members": members_for(models)}
+    full_plan = plan_ensemble(config_from_dict(base, base_dir=tmp))
+    full = EnsembleHost(plan=full_plan)(_table(TEXTS)).to_pylist()
+    probs = np.array([[row[f"probs__{m}"] for row in full] for m in NAMES], dtype=np.float64)
+    top1 = probs[0].max(-1)
+    first = float(np.quantile(top1, 0.4))
+    open_ = top1 < first
+    p12 = (2 * probs[0] + probs[1]) / 3
+    second = float(np.quantile(p12[open_].max(-1), 0.5))
+    cascade = {"stages": [["alpha"], ["beta"], ["gamma"]], "exit_at": [first, second]}
+    plan = plan_ensemble(config_from_dict({**base, "cascade": cascade}, base_dir=tmp))
+    expected = cascade_stages(probs, WEIGHTS, "weighted_mean", [[0], [1], [2]], [first, second])
+    assert set(expected) == {1, 2, 3}
+    return {
+        "tmp": tmp,
+        "base": base,
+        "cascade": cascade,
+        "plan": plan,
+        "probs": probs,
+        "expected": expected,
+    }
+
+
+def check_rows(rows, setup, texts=TEXTS):
+    """Each row: its stage as the rule says, members past it null, the ensemble the
+    weighted mean of the members that ran, agreement over them."""
+    probs, expected = setup["probs"], setup["expected"]
+    k = 0
+    for row, text in zip(rows, texts, strict=True):
+        if text is None:
+            assert row["error"] and row["cascade_stage"] is None and row["label"] is None
+            continue
+        stage = int(expected[k])
+        assert row["cascade_stage"] == stage, (k, row)
+        ran = NAMES[:stage]
+        for i, name in enumerate(NAMES):
+            if name in ran:
+                np.testing.assert_allclose(row[f"probs__{name}"], probs[i, k], atol=1e-5)
+            else:
+                assert row[f"probs__{name}"] is None
+        w = WEIGHTS[:stage]
+        p = (w[:, None] * probs[:stage, k]).sum(0) / w.sum()
+        np.testing.assert_allclose(row["probs"], p, atol=1e-5)
+        label = int(np.argmax(p))
+        assert row["label"] == LABELS[label]
+        agree = sum(w[i] for i in range(stage) if np.argmax(probs[i, k]) == label) / w.sum()
+        assert row["agreement"] == pytest.approx(agree, abs=1e-6)
+        k += 1
+
+
+def test_one_host_runs_each_stage_on_the_open_rows_only(setup):
+    texts = [*TEXTS[:10], None, *TEXTS[10:]]
+    host = EnsembleHost(plan=setup["plan"])
+    rows = host(_table(texts)).to_pylist()
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
+    check_rows(rows, setup, texts)
+    # gamma, the last stage, saw only the rows that reached it: its tokens are theirs.
+    gamma = host.members[2]
+    reached = [t for t, s in zip(TEXTS, setup["expected"], strict=True) if s == 3]
+    tokens = gamma.encode(reached)["input_ids"]
+    assert gamma.real_tokens == sum(len(t) for t in tokens)
+    assert host.members[0].real_tokens > gamma.real_tokens
+
+
+def test_several_hosts_pass_the_open_rows_on(setup):
+    """alpha and beta in one host, gamma in another, then the reduce: the same rows as
+    one host, every row once."""
+    plan = setup["plan"]
+    first = EnsembleHost(plan=plan, members=["alpha", "beta"], reduce=False)
+    second = EnsembleHost(plan=plan, members=["gamma"], reduce=False)
+    rows = reduce_batch(second(first(_table(TEXTS))), plan=plan).to_pylist()
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(TEXTS))]
+    check_rows(rows, setup)
+    reached = [t for t, s in zip(TEXTS, setup["expected"], strict=True) if s == 3]
+    tokens = second.members[0].encode(reached)["input_ids"]
+    assert second.members[0].real_tokens == sum(len(t) for t in tokens)
+
+
+# --- offline on Ray Data, and online --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def offline(ray_cluster, setup):
+    """The cascade scored offline across hosts (gamma, the last stage, has its own)."""
+    from pipelines.offline import score
+
+    tmp = setup["tmp"]
+    data = {
+        **setup["base"],
+        "members": [
+            {**m, "own_host": True} if m["name"] == "gamma" else m for m in setup["base"]["members"]
+        ],
+        "cascade": setup["cascade"],
+    }
+    plan = plan_ensemble(config_from_dict(data, base_dir=tmp))
+    src = tmp / "in.jsonl"
+    lines = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
+    lines.insert(7, {"id": "bad", "text": None})
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = score(plan, src, tmp / "out")
+    rows = pq.read_table(sorted((tmp / "out").glob("*.parquet"))).to_pylist()
+    return {"plan": plan, "rows": rows, "summary": summary, "ids": [r["id"] for r in lines]}
+
+
+def test_offline_across_hosts_every_row_once(offline, setup):
+    rows = offline["rows"]
+    assert sorted(r["id"] for r in rows) == sorted(offline["ids"])
+    assert offline["summary"].rows == len(offline["ids"]) and offline["summary"].errors == 1
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["bad"]["cascade_stage"] is None and by_id["bad"]["error"]
+    check_rows([by_id[f"r{i}"] for i in range(len(TEXTS))], setup)
+
+
+def test_online_cascade_equals_offline(offline, setup):
+    """Served with gamma on a host of its own: the same stages and answers as offline,
+    members that did not run left out of `members`."""
+    from ray import serve
+
+    from pipelines.online import build_app
+    from tests.test_online import free_port, post
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(offline["plan"]), name="cas", route_prefix="/cas")
+    try:
+        url = f"http://127.0.0.1:{port}/cas"
+        online = []
+        for i in range(0, len(TEXTS), 16):
+            r = post(url, {"inputs": TEXTS[i : i + 16]})
+            assert r.status_code == 200, r.text
+            online += r.json()["predictions"]
+    finally:
+        serve.delete("cas")
+        serve.shutdown()
+    by_id = {r["id"]: r for r in offline["rows"]}
+    for i, on in enumerate(online):
+        off = by_id[f"r{i}"]
+        assert on["cascade_stage"] == off["cascade_stage"]
+        assert on["label"] == off["label"]
+        np.testing.assert_allclose([on["probs"][lab] for lab in LABELS], off["probs"], atol=1e-5)
+        assert on["agreement"] == pytest.approx(off["agreement"], abs=1e-6)
+        assert sorted(on["members"]) == NAMES[: off["cascade_stage"]]
+        assert "members_missing" not in on
+        for name in on["members"]:
+            np.testing.assert_allclose(
+                [on["members"][name]["probs"][lab] for lab in LABELS],
+                off[f"probs__{name}"],
+                atol=1e-5,
+            )
+
+
+# --- fit --cascade --------------------------------------------------------------------------------
+
+
+def test_fitted_thresholds_respect_max_loss_on_held_out_folds():
+    """Members that err independently, the costly one best: the cascade chosen on the
+    other folds keeps the accuracy within --max-loss on the folds it never saw, and
+    costs less than the full ensemble."""
+    from pipelines.cascade_fitting import fit_cascade
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = rng.integers(0, 2, n)
+
+    def member(strength):
+        z = strength * (2 * y - 1) + rng.normal(0, 2.0, n)
+        p = 1 / (1 + np.exp(-z))
+        return np.stack([1 - p, p], -1)
+
+    probs = np.stack([member(2.0), member(2.2), member(2.5)])
+    cost = [0.001, 0.004, 0.02]
+    names = ["cheap", "mid", "costly"]
+    max_loss = 0.005
+    fit = fit_cascade(probs, y, np.ones(3), "weighted_mean", cost, names, max_loss=max_loss)
+    losses = np.array([loss for loss, _, _ in fit.held_out])
+    assert len(losses) == 5
+    assert losses.mean() <= max_loss, losses
+    assert fit.chosen is not None and fit.chosen.cost < 0.5 * sum(cost)
+    # The chosen cascade's figures, by the reducer's exit rule and plain numpy.
+    stages = [[names.index(m) for m in s] for s in fit.chosen.stages]
+    ran = cascade_stages(probs, np.ones(3), "weighted_mean", stages, fit.chosen.exit_at)
+    prefix = [probs[[m for s in stages[:k] for m in s]].mean(0) for k in range(1, len(stages) + 1)]
+    p = np.stack(prefix)[ran - 1, np.arange(n)]
+    assert fit.chosen.accuracy == pytest.approx(np.mean(p.argmax(-1) == y))
+    shares = np.bincount(ran - 1, minlength=len(stages)) / n
+    np.testing.assert_allclose(fit.chosen.shares, shares)
+    stage_cost = np.cumsum([sum(cost[m] for m in s) for s in stages])
+    assert fit.chosen.cost == pytest.approx(float(shares @ stage_cost))
+    full_acc = np.mean(probs.mean(0).argmax(-1) == y)
+    assert full_acc - fit.chosen.accuracy <= max_loss
+
+
+class _Lines(logging.Handler):
+    """The CLI's log lines (its loggers do not propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
+    """`ray-ensemble fit --cascade` on labels the ensemble mostly gets right: it times
+    the members, prints the candidates and writes a cascade block that loads."""
+    import yaml
+
+    from jobs.cli import main
+    from pipelines.config import load_config
+
+    tmp = setup["tmp"]
+    texts = make_texts(200, seed=41, max_words=30)
+    full = EnsembleHost(plan=plan_ensemble(config_from_dict(setup["base"], base_dir=tmp)))
+    rows = full(_table(texts)).to_pylist()
+    rng = np.random.default_rng(2)
+    labels = [
+        r["label"] if rng.random() < 0.9 else LABELS[1 - LABELS.index(r["label"])] for r in rows
+    ]
+    src = tmp / "val.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"text": t, "label": lab}) + "\n"
+            for t, lab in zip(texts, labels, strict=True)
+        )
+    )
+    path = tmp / "fit.yaml"
+    path.write_text(yaml.safe_dump(setup["base"]))
+    out = tmp / "fitted.yaml"
+    args = ["fit", str(path), "--input", str(src), "--label-column", "label"]
+    lines = _Lines()
+    logging.getLogger("ray_ensemble").addHandler(lines)
+    try:
+        code = main([*args, "--output", str(out), "--cascade", "--max-loss", "0.02"])
+    finally:
+        logging.getLogger("ray_ensemble").removeHandler(lines)
+    assert code == 0
+    text = "\n".join(lines.lines)
+    assert "member forward ms/row: alpha" in text and "(full ensemble)" in text, text
+    assert "held out (chosen on the other folds)" in text
+    cfg = load_config(out)
+    assert cfg.cascade is not None, text
+    assert sorted(m for s in cfg.cascade.stages for m in s) == sorted(NAMES)
+    assert len(cfg.cascade.exit_at) == len(cfg.cascade.stages) - 1
+    assert cfg.reducer.combine != "stacking"
+    assert main([*args, "--output", str(out), "--cascade", "--combine", "stacking"]) == 2
+
+
+def test_evaluate_scores_the_cascade_and_the_full_ensemble(ray_cluster, setup):
+    """`evaluate` on a cascade: a real cascade run and a full one, side by side."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    tmp = setup["tmp"]
+    texts = make_texts(80, seed=43, max_words=30)
+    rng = np.random.default_rng(4)
+    src = tmp / "test.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "text": t, "label": LABELS[int(rng.integers(2))]}) + "\n"
+            for i, t in enumerate(texts)
+        )
+    )
+    path = tmp / "cascade.yaml"
+    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    report = tmp / "report"
+    args = ["evaluate", str(path), "--input", str(src), "--label-column", "label"]
+    assert main([*args, "--report", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    block = metrics["cascade"]
+    scored = pq.read_table(sorted((report / "scored").glob("*.parquet"))).to_pylist()
+    full = pq.read_table(sorted((report / "scored-full").glob("*.parquet"))).to_pylist()
+    y = np.array([LABELS.index(r["true_label"]) for r in scored])
+    ours = np.array([r["probs"] for r in scored])
+    theirs = np.array([r["probs"] for r in full])
+    assert block["accuracy"] == pytest.approx(np.mean(ours.argmax(-1) == y))
+    assert block["full"]["accuracy"] == pytest.approx(np.mean(theirs.argmax(-1) == y))
+    assert metrics["ensemble"]["accuracy"] == block["accuracy"]
+    stages = np.array([r["cascade_stage"] for r in scored])
+    np.testing.assert_allclose(block["stage_shares"], np.bincount(stages - 1, minlength=3) / 80)
+    assert "cascade_stage" not in full[0]
+    assert block["member_s_per_row"] > 0 and block["full"]["member_s_per_row"] > 0
+    # Members' own metrics come from the full run, where each scored every row.
+    alpha = np.array([r["probs__alpha"] for r in full])
+    assert metrics["members"]["alpha"]["accuracy"] == pytest.approx(np.mean(alpha.argmax(-1) == y))
+    md = (report / "report.md").read_text()
+    assert "cost_accuracy.png" in md and (report / "cost_accuracy.png").is_file()
+    assert "Cascade against the full ensemble" in md
