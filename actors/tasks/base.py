@@ -25,6 +25,7 @@ __all__ = [
     "OutputField",
     "Scored",
     "Task",
+    "check_label_set",
 ]
 
 
@@ -169,6 +170,16 @@ class Scored:
     def members_missing(self, row: int) -> list[str]:
         """The members whose hosts were missing for ``row``, in config order."""
         return [m for m, rows in self.missing.items() if rows[row]]
+
+
+def check_label_set(labels: Sequence[str], need: str) -> None:
+    """Raise ValueError unless ``labels`` is a non-empty set, case-insensitively: members'
+    labels are matched to it by name without case. ``need`` says what the task wants."""
+    if not labels:
+        raise ValueError(f"labels: {need}")
+    lowered = [label.lower() for label in labels]
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(f"labels: {list(labels)} has duplicates (case-insensitive)")
 
 
 def _to_arrow(values: np.ndarray, kind: pa.DataType, valid: np.ndarray) -> pa.Array:

@@ -27,6 +27,7 @@ from actors.tasks.base import (
     OutputField,
     Scored,
     Task,
+    check_label_set,
 )
 
 __all__ = ["ClassificationTask", "brier", "calibration_bins", "ece", "metrics", "nll"]
@@ -150,14 +151,11 @@ class ClassificationTask(Task):
     )
 
     def check_config(self, cfg: Any) -> None:
-        if not cfg.labels:
-            raise ValueError(
-                "labels: a classification ensemble needs its canonical labels, "
-                "e.g. labels: [negative, positive]"
-            )
-        lowered = [label.lower() for label in cfg.labels]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError(f"labels: {cfg.labels} has duplicates (case-insensitive)")
+        check_label_set(
+            cfg.labels,
+            "a classification ensemble needs its canonical labels, "
+            "e.g. labels: [negative, positive]",
+        )
         super().check_config(cfg)
         if cfg.reducer.combine == "stacking" and not cfg.reducer.stacking:
             raise ValueError(

@@ -49,6 +49,7 @@ from actors.tasks.base import (
     OutputField,
     Scored,
     Task,
+    check_label_set,
 )
 
 __all__ = [
@@ -317,14 +318,11 @@ class TokenClassificationTask(Task):
     # --- config and plan ---------------------------------------------------------------
 
     def check_config(self, cfg: Any) -> None:
-        if not cfg.labels:
-            raise ValueError(
-                "labels: a token_classification ensemble needs its tag set in the BIO "
-                "scheme, e.g. labels: [O, B-PER, I-PER, B-LOC, I-LOC]"
-            )
-        lowered = [label.lower() for label in cfg.labels]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError(f"labels: {cfg.labels} has duplicates (case-insensitive)")
+        check_label_set(
+            cfg.labels,
+            "a token_classification ensemble needs its tag set in the BIO scheme, "
+            "e.g. labels: [O, B-PER, I-PER, B-LOC, I-LOC]",
+        )
         bad = [t for t in cfg.labels if not (t == "O" or re.fullmatch(r"[BI]-\S+", t))]
         if bad:
             raise ValueError(
