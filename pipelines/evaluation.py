@@ -25,7 +25,7 @@ from actors.tasks.classification import (
 )
 from actors.tasks.classification import metrics as classification_metrics
 from pipelines.fitting import check_single_label, label_indices
-from pipelines.offline import score
+from pipelines.offline import ScoreSummary, score
 from pipelines.output import read_output
 from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.storage import Location
@@ -361,6 +361,32 @@ def _cost_accuracy(
     return "cost_accuracy.png"
 
 
+def score_for_report(
+    plan: EnsemblePlan,
+    input_path: str,
+    label_column: str,
+    out: Location,
+    *,
+    truth_column: str = TRUTH_COLUMN,
+    cpu_fallback: bool = True,
+) -> tuple[EnsemblePlan, ScoreSummary]:
+    """Score a labelled set into ``out`` for a report: with every member's distribution
+    (member metrics need them) and the labels renamed to ``truth_column``. Returns the
+    plan that scored and its summary."""
+    if not plan.config.reducer.output_members:
+        reducer = plan.config.reducer.model_copy(update={"output_members": True})
+        plan = dataclasses.replace(plan, config=plan.config.model_copy(update={"reducer": reducer}))
+    summary = score(
+        plan,
+        input_path,
+        out,
+        overwrite=True,
+        rename={label_column: truth_column},
+        cpu_fallback=cpu_fallback,
+    )
+    return plan, summary
+
+
 def evaluate(
     plan: EnsemblePlan,
     input_path: str | Path,
@@ -386,20 +412,10 @@ def evaluate(
             plan, input_path, label_column, report_dir, cpu_fallback=cpu_fallback
         )
     report.mkdir()
-    if not cfg.reducer.output_members:
-        # Member metrics need the members' distributions.
-        cfg = cfg.model_copy(
-            update={"reducer": cfg.reducer.model_copy(update={"output_members": True})}
-        )
-        plan = dataclasses.replace(plan, config=cfg)
-    summary = score(
-        plan,
-        input_path,
-        report.join(SCORED_DIR),
-        overwrite=True,
-        rename={label_column: TRUTH_COLUMN},
-        cpu_fallback=cpu_fallback,
+    plan, summary = score_for_report(
+        plan, input_path, label_column, report.join(SCORED_DIR), cpu_fallback=cpu_fallback
     )
+    cfg = plan.config
     names = [m.name for m in cfg.members]
     task = plan.task
     table, y, ok = _scored(plan, report.join(SCORED_DIR), label_column)
@@ -410,13 +426,11 @@ def evaluate(
         # The same set again with every member on every row: the members' own metrics
         # (a cascade leaves them null on the rows that stopped before them), and the
         # full ensemble to set the cascade against.
-        full_plan = without_cascade(plan)
-        full_summary = score(
-            full_plan,
+        full_plan, full_summary = score_for_report(
+            without_cascade(plan),
             input_path,
+            label_column,
             report.join(FULL_DIR),
-            overwrite=True,
-            rename={label_column: TRUTH_COLUMN},
             cpu_fallback=cpu_fallback,
         )
         full_table, full_y, full_ok = _scored(full_plan, report.join(FULL_DIR), label_column)

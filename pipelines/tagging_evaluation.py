@@ -10,7 +10,6 @@ sentences: the same resampled sentences score both.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,25 +242,20 @@ def evaluate_tagging(
     """Score ``input_path`` (its ``label_column``: each row's list of tags, aligned to its
     words) into ``report_dir/scored``; write metrics.json, report.md and the per-type F1
     plot there. Ray must be running. Returns the metrics."""
-    from pipelines.offline import score
+    from pipelines.evaluation import score_for_report
     from pipelines.output import read_output
 
-    cfg = plan.config
     report = Location.of(report_dir)
     report.mkdir()
-    if not cfg.reducer.output_members:
-        cfg = cfg.model_copy(
-            update={"reducer": cfg.reducer.model_copy(update={"output_members": True})}
-        )
-        plan = dataclasses.replace(plan, config=cfg)
-    summary = score(
+    plan, summary = score_for_report(
         plan,
         input_path,
+        label_column,
         report.join(SCORED_DIR),
-        overwrite=True,
-        rename={label_column: TRUTH_COLUMN},
+        truth_column=TRUTH_COLUMN,
         cpu_fallback=cpu_fallback,
     )
+    cfg = plan.config
     names = [m.name for m in cfg.members]
     table = read_output(report.join(SCORED_DIR))
     truth_all = table.column(TRUTH_COLUMN).to_pylist()
