@@ -355,37 +355,37 @@ def test_per_member_layout_equals_offline(served, per_member):
             )
 
 
-def _replica_pids(deployment: str) -> list[int]:
+def replica_pids(app: str, deployment: str) -> list[int]:
     import psutil
 
     return [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:pm:{deployment}")
+        if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:{app}:{deployment}")
     ]
 
 
-def test_member_replica_killed_under_load_loses_no_request(per_member):
-    """kill -9 a member's replica while requests are in flight: every request gets a 200
-    (Serve retries a call whose replica died on another one) or a JSON 503, never a
-    500, and the endpoint answers by itself once Serve has replaced the replica."""
+def kill_replica_under_load(
+    url: str, app: str, deployment: str, texts: list[str]
+) -> tuple[list[tuple[float, float, requests.Response]], float, float | None]:
+    """kill -9 the one replica of ``app``'s ``deployment`` while four clients post pairs
+    of ``texts`` in a loop, until Serve has started its replacement. Returns every call
+    (start, end, response), when the kill was, and when a new replica's process was
+    first seen (None: not within two minutes)."""
     import os
     import signal
     import threading
 
-    texts = make_texts(16, seed=9, max_words=60)
-    calls: list[tuple[float, float, int, str]] = []  # start, end, status, content type
+    calls: list[tuple[float, float, requests.Response]] = []
     stop = threading.Event()
 
     def client(k: int) -> None:
         while not stop.is_set():
             start = time.monotonic()
-            r = post(per_member, {"inputs": [texts[k], texts[(k + 3) % 16]]})
-            calls.append((start, time.monotonic(), r.status_code, r.headers["content-type"]))
-            if r.status_code != 200:
-                assert r.json()["type"] in ("unavailable", "overloaded", "timeout"), r.text
+            r = post(url, {"inputs": [texts[k % len(texts)], texts[(k + 3) % len(texts)]]})
+            calls.append((start, time.monotonic(), r))
 
-    (victim,) = _replica_pids("host_beta")
+    (victim,) = replica_pids(app, deployment)
     clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for t in clients:
         t.start()
@@ -394,19 +394,31 @@ def test_member_replica_killed_under_load_loses_no_request(per_member):
         time.sleep(0.05)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
+    replaced_at = None
     deadline = time.time() + 120
-    replaced: list[int] = []
-    while time.time() < deadline and not replaced:
-        time.sleep(0.5)
-        replaced = [p for p in _replica_pids("host_beta") if p != victim]
+    while time.time() < deadline and replaced_at is None:
+        time.sleep(0.1)
+        if [p for p in replica_pids(app, deployment) if p != victim]:
+            replaced_at = time.monotonic()
     stop.set()
     for t in clients:
         t.join(timeout=120)
-    assert replaced, "Serve did not replace the killed replica"
-    statuses = [status for *_, status, _ in calls]
+    return calls, killed_at, replaced_at
+
+
+def test_member_replica_killed_under_load_loses_no_request(per_member):
+    """kill -9 a member's replica while requests are in flight: every request gets a 200
+    (Serve retries a call whose replica died on another one) or a JSON 503, never a
+    500, and the endpoint answers by itself once Serve has replaced the replica."""
+    texts = make_texts(16, seed=9, max_words=60)
+    calls, killed_at, replaced_at = kill_replica_under_load(per_member, "pm", "host_beta", texts)
+    assert replaced_at is not None, "Serve did not replace the killed replica"
+    statuses = [r.status_code for *_, r in calls]
     assert set(statuses) <= {200, 503}, statuses
-    assert all(kind == "application/json" for *_, kind in calls)
-    spanning = [status for start, end, status, _ in calls if start < killed_at < end]
+    assert all(r.headers["content-type"] == "application/json" for *_, r in calls)
+    refused = [r.json()["type"] for *_, r in calls if r.status_code != 200]
+    assert set(refused) <= {"unavailable", "overloaded", "timeout"}, refused
+    spanning = [r for start, end, r in calls if start < killed_at < end]
     assert spanning, "no request was in flight when the replica was killed"
     after = post(per_member, {"inputs": ["after the kill"]})
     assert after.status_code == 200, after.text

@@ -8,9 +8,6 @@ a text holds the token "7" (or "9"). ``min_members: 3`` of the 4.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 
 import numpy as np
@@ -22,7 +19,7 @@ from jobs.example import make_texts
 from pipelines.config import ConfigError, config_from_dict
 from pipelines.plan import plan_ensemble
 from tests.custom_models import Sleeper
-from tests.test_online import free_port, post
+from tests.test_online import free_port, kill_replica_under_load, post
 
 LABELS = ["negative", "positive"]
 WEIGHTS = {"alpha": 2.0, "beta": 1.0, "slow7": 1.0, "slow9": 0.5}
@@ -114,47 +111,12 @@ def check_partial(prediction: dict, missing: list[str]) -> None:
     assert prediction["label"] == LABELS[int(np.argmax(expected))]
 
 
-def _replica_pids(deployment: str) -> list[int]:
-    import psutil
-
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:q:{deployment}")
-    ]
-
-
 def test_member_host_killed_under_load_every_request_answers(quorum):
     """kill -9 beta's host replica while four clients send requests: every request gets a
     200; those answered while beta was gone say so, and are made from the others."""
     texts = make_texts(16, seed=9, max_words=30)
-    calls: list[tuple[float, float, int, dict]] = []
-    stop = threading.Event()
-
-    def client(k: int) -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            r = post(quorum, {"inputs": [texts[k], texts[(k + 3) % 16]]})
-            calls.append((start, time.monotonic(), r.status_code, r.json()))
-
-    (victim,) = _replica_pids("host_beta")
-    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in clients:
-        t.start()
-    deadline = time.time() + 60
-    while len(calls) < 8 and time.time() < deadline:
-        time.sleep(0.05)
-    killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    replaced_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and replaced_at is None:
-        time.sleep(0.1)
-        if [p for p in _replica_pids("host_beta") if p != victim]:
-            replaced_at = time.monotonic()
-    stop.set()
-    for t in clients:
-        t.join(timeout=120)
+    answered, killed_at, replaced_at = kill_replica_under_load(quorum, "q", "host_beta", texts)
+    calls = [(start, end, r.status_code, r.json()) for start, end, r in answered]
     assert replaced_at is not None, "Serve did not replace the killed replica"
     assert [c for c in calls if c[2] != 200] == []
     partial = 0
