@@ -7,7 +7,6 @@ them (accuracy, macro-F1, confusion matrix); NLL, Brier score and ECE are a line
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -25,7 +24,7 @@ from actors.tasks.classification import (
 )
 from actors.tasks.classification import metrics as classification_metrics
 from pipelines.fitting import check_single_label, label_indices
-from pipelines.offline import ScoreSummary, score
+from pipelines.offline import score_for_report
 from pipelines.output import read_output
 from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.storage import Location
@@ -361,32 +360,6 @@ def _cost_accuracy(
     return "cost_accuracy.png"
 
 
-def score_for_report(
-    plan: EnsemblePlan,
-    input_path: str,
-    label_column: str,
-    out: Location,
-    *,
-    truth_column: str = TRUTH_COLUMN,
-    cpu_fallback: bool = True,
-) -> tuple[EnsemblePlan, ScoreSummary]:
-    """Score a labelled set into ``out`` for a report: with every member's distribution
-    (member metrics need them) and the labels renamed to ``truth_column``. Returns the
-    plan that scored and its summary."""
-    if not plan.config.reducer.output_members:
-        reducer = plan.config.reducer.model_copy(update={"output_members": True})
-        plan = dataclasses.replace(plan, config=plan.config.model_copy(update={"reducer": reducer}))
-    summary = score(
-        plan,
-        input_path,
-        out,
-        overwrite=True,
-        rename={label_column: truth_column},
-        cpu_fallback=cpu_fallback,
-    )
-    return plan, summary
-
-
 def evaluate(
     plan: EnsemblePlan,
     input_path: str | Path,
@@ -413,7 +386,12 @@ def evaluate(
         )
     report.mkdir()
     plan, summary = score_for_report(
-        plan, input_path, label_column, report.join(SCORED_DIR), cpu_fallback=cpu_fallback
+        plan,
+        input_path,
+        label_column,
+        report.join(SCORED_DIR),
+        truth_column=TRUTH_COLUMN,
+        cpu_fallback=cpu_fallback,
     )
     cfg = plan.config
     names = [m.name for m in cfg.members]
@@ -431,6 +409,7 @@ def evaluate(
             input_path,
             label_column,
             report.join(FULL_DIR),
+            truth_column=TRUTH_COLUMN,
             cpu_fallback=cpu_fallback,
         )
         full_table, full_y, full_ok = _scored(full_plan, report.join(FULL_DIR), label_column)

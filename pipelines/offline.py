@@ -56,6 +56,7 @@ __all__ = [
     "prepare_job",
     "run_job",
     "score",
+    "score_for_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -382,3 +383,29 @@ def score(
         plan, input_path, output_dir, overwrite=overwrite, resume=resume, rename=rename
     )
     return run_job(job, cpu_fallback=cpu_fallback, rows_per_file=rows_per_file)
+
+
+def score_for_report(
+    plan: EnsemblePlan,
+    input_path: str,
+    label_column: str,
+    out: Location,
+    *,
+    truth_column: str,
+    cpu_fallback: bool = True,
+) -> tuple[EnsemblePlan, ScoreSummary]:
+    """Score a labelled set into ``out`` for a report: with every member's distribution
+    (member metrics need them) and the labels renamed to ``truth_column``. Returns the
+    plan that scored and its summary."""
+    if not plan.config.reducer.output_members:
+        reducer = plan.config.reducer.model_copy(update={"output_members": True})
+        plan = dataclasses.replace(plan, config=plan.config.model_copy(update={"reducer": reducer}))
+    summary = score(
+        plan,
+        input_path,
+        out,
+        overwrite=True,
+        rename={label_column: truth_column},
+        cpu_fallback=cpu_fallback,
+    )
+    return plan, summary

@@ -242,7 +242,7 @@ def evaluate_tagging(
     """Score ``input_path`` (its ``label_column``: each row's list of tags, aligned to its
     words) into ``report_dir/scored``; write metrics.json, report.md and the per-type F1
     plot there. Ray must be running. Returns the metrics."""
-    from pipelines.evaluation import score_for_report
+    from pipelines.offline import score_for_report
     from pipelines.output import read_output
 
     report = Location.of(report_dir)

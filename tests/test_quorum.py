@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 from safetensors.torch import save_file
 
@@ -144,6 +145,31 @@ def test_a_slow_member_gives_partial_answers_not_503(quorum):
     assert r.status_code == 200, r.text
     for prediction in r.json()["predictions"]:
         check_partial(prediction, ["slow7"])
+
+
+def test_the_v2_route_names_the_missing_members_of_a_partial_answer(quorum):
+    """The Open Inference Protocol answer of a quorum ensemble has a members_missing
+    output (a JSON list per row), declared in the model's metadata, and the same
+    probabilities as /v1/predict's partial answer. (Before the test below the quorum,
+    whose request keeps slow9 asleep past the next requests' timeout.)"""
+    import tritonclient.http as httpclient
+
+    texts = ["a fine film 7", "a dull plot", "plain words"]
+    base = quorum.removeprefix("http://")
+    meta = requests.get(f"{quorum}/v2/models/q", timeout=30).json()
+    assert {"name": "members_missing", "datatype": "BYTES", "shape": [-1]} in meta["outputs"]
+    client = httpclient.InferenceServerClient(base)
+    tensor = httpclient.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object), binary_data=False)
+    result = client.infer("q", [tensor])
+    missing = [json.loads(v) for v in result.as_numpy("members_missing")]
+    assert missing == [["slow7"], ["slow7"], ["slow7"]]
+    ours = post(quorum, {"inputs": texts}).json()["predictions"]
+    for prediction in ours:
+        check_partial(prediction, ["slow7"])
+    np.testing.assert_allclose(
+        result.as_numpy("probs"), [[p["probs"][lab] for lab in LABELS] for p in ours], atol=1e-6
+    )
 
 
 def test_below_the_quorum_the_answer_is_a_503(quorum):

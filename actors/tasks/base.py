@@ -103,6 +103,15 @@ CASCADE_FIELD = OutputField(
     doc="the number of cascade stages the row ran",
 )
 
+# With a quorum below the member count, on the Open Inference Protocol route: per row, the
+# members its answer was made without (`/v1/predict` says so in `members_missing`).
+MISSING_FIELD = OutputField(
+    "members_missing",
+    pa.list_(pa.string()),
+    v2_datatype="BYTES",
+    doc="the members a quorum answer was made without, as a JSON list ([] when none)",
+)
+
 
 @dataclass
 class Scored:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from actors.tasks.base import MISSING_FIELD
 from pipelines.online import protocols
 from pipelines.online.protocols import HEADER_LENGTH, ApiError, check_text, invalid, load_json
 
@@ -288,7 +289,12 @@ class HttpApi:
         self.task = plan.task
         self.scoring = 0  # requests between admission and answer, this replica
         self.widths = _widths(plan)  # each output's trailing shape, for the V2 metadata
-        self.v2_names = tuple(f.name for f in protocols.v2_fields(self.task.fields))
+        # A quorum below the member count makes partial answers, which V2 answers name.
+        partial = (self.limits.min_members or len(self.cfg.members)) < len(self.cfg.members)
+        self.v2_output_fields = (*self.task.fields, *((MISSING_FIELD,) if partial else ()))
+        if partial:
+            self.widths[MISSING_FIELD.name] = ()
+        self.v2_names = tuple(f.name for f in protocols.v2_fields(self.v2_output_fields))
         # /v1/embeddings serves the field the task names as its vector, if any.
         self.embedding = self.task.vector_field
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by _BodyLimit
@@ -444,7 +450,7 @@ class HttpApi:
         self._model(name)
         return protocols.v2_model_metadata(
             self.cfg.name,
-            self.task.fields,
+            self.v2_output_fields,
             self.widths,
             {
                 "task": self.cfg.task,
@@ -473,7 +479,13 @@ class HttpApi:
         )
         scored = await self._scored(req.texts, req.pairs)
         self._all_valid(scored, "text")
-        tensors = protocols.v2_tensors(scored.columns, self.task.fields, req.outputs)
+        columns = scored.columns
+        if MISSING_FIELD in self.v2_output_fields:
+            missing = np.empty(scored.rows, dtype=object)
+            for i in range(scored.rows):  # one list per row; numpy would stack equal ones
+                missing[i] = scored.members_missing(i)
+            columns = {**columns, MISSING_FIELD.name: missing}
+        tensors = protocols.v2_tensors(columns, self.v2_output_fields, req.outputs)
         body, header = protocols.encode_v2_response(
             model_name=self.cfg.name, tensors=tensors, binary=req.binary, request_id=req.id
         )
