@@ -448,8 +448,10 @@ def run_demo(
     off_rows: int | None,
     ray_session: Callable[[], AbstractContextManager],
     downloads: Path | None = None,
+    cascade_sets: tuple[str, ...] = ("test", "off-domain"),
 ) -> int:
-    """``ray_session``: a context that has Ray running inside it. ``None`` rows: all."""
+    """``ray_session``: a context that has Ray running inside it. ``None`` rows: all.
+    ``cascade_sets``: the sets on which the cascade is set against its full ensemble."""
     import numpy as np
 
     from jobs.demo_members import train_bag_of_pieces, train_pooled_head
@@ -584,6 +586,8 @@ def run_demo(
         cascaded = {}
         if cascade_plan.config.cascade is not None:
             for name, source in (("test", "test.jsonl"), ("off-domain", "off_domain.jsonl")):
+                if name not in cascade_sets:
+                    continue
                 step(f"evaluate: the cascade on the {name} set, and its full ensemble")
                 cascaded[name] = evaluate(
                     cascade_plan, data / source, "label", work / "report" / f"cascade-{name}"
