@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-rows",
         type=int,
         default=None,
-        help="training rows (default: all 7,808; ner: sentences, default 4,000)",
+        help="training rows (default: all 7,808; ner: sentences, default 3,000)",
     )
     demo.add_argument(
         "--eval-rows",
