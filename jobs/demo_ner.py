@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 import warnings
 import zipfile
@@ -281,9 +282,16 @@ def train_token_head(
     classifier = model.classifier
     classifier.weight.data = torch.from_numpy(weight)
     classifier.bias.data = torch.from_numpy(bias)
+    # Written beside and swapped in whole: an interrupted run never leaves a half-written
+    # member for the next run to reuse.
     out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
     return len(y)
 
 
