@@ -22,6 +22,8 @@ os.environ.setdefault("RAY_ENSEMBLE_CPU_BFLOAT16", "0")
 def _start_ray():
     import ray
 
+    if ray.is_initialized():
+        return ray
     # "local": never join a cluster another process started on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -39,14 +41,19 @@ def ray_cluster():
 @pytest.fixture
 def no_ray():
     """For tests whose command starts a Ray of its own: two Ray instances on one machine
-    make Ray Train and Data misbehave, so the session's is stopped meanwhile."""
+    make Ray Train and Data misbehave, so the session's is stopped meanwhile. It starts
+    again before the next test that needs it (:func:`pytest_runtest_setup`), not after
+    this one: such tests come in runs, and each start costs seconds."""
     import ray
 
-    running = ray.is_initialized()
-    if running:
+    if ray.is_initialized():
         ray.shutdown()
     yield
-    if running and not ray.is_initialized():
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Start the session's Ray again for a test that needs it, after a ``no_ray`` test."""
+    if "ray_cluster" in getattr(item, "fixturenames", ()) and "no_ray" not in item.fixturenames:
         _start_ray()
 
 
