@@ -125,6 +125,9 @@ class LabelledOutputs:
     logits: list[np.ndarray]
     y: np.ndarray
     skipped: int  # rows without a label or with a text that cannot be scored
+    # Per row, the sentence it is a word of (token tasks): CV keeps a sentence's words in
+    # one fold, since words of one sentence are not independent. None: rows are texts.
+    groups: np.ndarray | None = None
 
 
 def collect_member_outputs(
@@ -153,13 +156,16 @@ def collect_member_outputs(
     ys: list = []
     outs: list[list[np.ndarray]] = [[] for _ in names]
     errors: list = []
+    sentences: list[int] = []
     tagged = plan.task.takes_words
     skipped = 0
     with job_data_context():
         ds = build_dataset(plan, inputs, hosts=hosts, reduce=False).select_columns(keep)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if tagged:
-                skipped += _words_as_rows(batch, label_column, names, plan, ys, errors, outs)
+                skipped += _words_as_rows(
+                    batch, label_column, names, plan, ys, errors, outs, sentences
+                )
                 continue
             ys.extend(batch.column(label_column).to_pylist())
             errors.extend(batch.column("error").to_pylist())
@@ -171,7 +177,8 @@ def collect_member_outputs(
     logits = [
         (np.concatenate(o) if o else np.empty((0, width)))[ok].astype(np.float64) for o in outs
     ]
-    return LabelledOutputs(names, logits, y[ok], int((~ok).sum()) + skipped)
+    groups = np.asarray(sentences, dtype=np.int64)[ok] if tagged else None
+    return LabelledOutputs(names, logits, y[ok], int((~ok).sum()) + skipped, groups)
 
 
 def _words_as_rows(
@@ -182,10 +189,11 @@ def _words_as_rows(
     ys: list,
     errors: list,
     outs: list[list[np.ndarray]],
+    sentences: list[int],
 ) -> int:
-    """A tagged window's words as rows of the fit (word-level NLL): each word's tag and
-    each member's aligned logits for it. Returns the sentences skipped (no tags, not
-    scored, or tags not as many as the words)."""
+    """A tagged window's words as rows of the fit (word-level NLL): each word's tag, each
+    member's aligned logits for it and, in ``sentences``, a number for its sentence.
+    Returns the sentences skipped (no tags, not scored, or tags not as many as words)."""
     tags = batch.column(label_column).to_pylist()
     row_errors = batch.column("error").to_pylist()
     members = member_outputs(batch, names, plan.task)
@@ -202,6 +210,7 @@ def _words_as_rows(
             continue
         ys.extend(truth)
         errors.extend([None] * len(truth))
+        sentences.extend([sentences[-1] + 1 if sentences else 0] * len(truth))
         for i, p in enumerate(per_member):
             outs[i].append(np.asarray(p, dtype=np.float64))
     return skipped
@@ -273,9 +282,17 @@ def shrink(weights: np.ndarray, share: float) -> np.ndarray:
     return (1 - share) * np.asarray(weights) + share / len(weights)
 
 
-def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import KFold, StratifiedKFold
+def cv_folds(
+    y: np.ndarray, seed: int, groups: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) row indices of the CV folds: stratified by label when every label
+    has a row per fold; with ``groups``, each group's rows in one test fold."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
 
+    if groups is not None:
+        k = min(CV_FOLDS, len(np.unique(groups)))
+        if k >= 2:
+            return list(GroupKFold(k, shuffle=True, random_state=seed).split(y, y, groups))
     counts = np.bincount(y)
     k = min(CV_FOLDS, len(y))
     if counts[counts > 0].min() >= k:
@@ -290,10 +307,12 @@ def compare_combinations(
     members: list[str],
     methods: tuple[str, ...] = FIT_CANDIDATES,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> list[Candidate]:
     """Each combination's NLL on held-out folds (weights, shrinkage and stacking fitted
-    on the other folds); weighted combinations get the shrinkage with the best CV NLL."""
-    folds = _folds(y, seed)
+    on the other folds); weighted combinations get the shrinkage with the best CV NLL.
+    ``groups``: rows of one group (a sentence's words) stay in one fold."""
+    folds = cv_folds(y, seed, groups)
     m = member_probs.shape[0]
     equal = np.full(m, 1.0 / m)
 
@@ -413,6 +432,7 @@ def choose_combination(
     method: str,
     allowed: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = (),
+    groups: np.ndarray | None = None,
 ) -> tuple[list[Candidate], str, list[float], StackingModel | None]:
     """The candidates' CV scores, and the winner fitted on every row: its name, its
     (shrunk) weights and, for stacking, its meta-model. ``member_probs``: calibrated.
@@ -420,7 +440,7 @@ def choose_combination(
     methods = tuple(m for m in FIT_CANDIDATES if m not in exclude) if method == AUTO else (method,)
     if allowed is not None:
         methods = tuple(m for m in methods if m in allowed)
-    candidates = compare_combinations(member_probs, y, labels, names, methods)
+    candidates = compare_combinations(member_probs, y, labels, names, methods, groups=groups)
     if not candidates:
         raise InputError(
             "stacking needs examples of every label in every CV fold; "
@@ -472,6 +492,7 @@ def fit_ensemble(
         method,
         offered,
         ("stacking",) if cascade else (),
+        groups=data.groups,
     )
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen, model, y)

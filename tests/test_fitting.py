@@ -10,7 +10,15 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from actors.reducer import combine, normalise, stack, stacking_features
 from pipelines.config import ConfigError, config_from_dict
 from pipelines.evaluation import brier, classification_metrics, ece
-from pipelines.fitting import fit_stacking, fit_temperature, fit_weights, label_indices, nll
+from pipelines.fitting import (
+    CV_FOLDS,
+    cv_folds,
+    fit_stacking,
+    fit_temperature,
+    fit_weights,
+    label_indices,
+    nll,
+)
 from pipelines.io import InputError
 from pipelines.stacking import StackingModel
 
@@ -325,3 +333,20 @@ def test_fitted_config_paths_work_from_any_folder(models, tmp_path, monkeypatch)
         ids = AutoTokenizer.from_pretrained(a.tokenizer)("Fine")["input_ids"]
         assert ids == AutoTokenizer.from_pretrained(str(tokenizer))("Fine")["input_ids"]
         assert ids != AutoTokenizer.from_pretrained(a.model)("Fine")["input_ids"]
+
+
+def test_cv_keeps_each_sentence_in_one_fold():
+    """Words of one sentence are not independent rows: a fold holds whole sentences."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), rng.integers(1, 9, size=40))
+    y = rng.integers(0, 3, size=len(groups))
+    folds = cv_folds(y, 0, groups)
+    assert len(folds) == CV_FOLDS
+    tested = np.zeros(len(y), dtype=int)
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        assert len(train) + len(test) == len(y)
+        tested[test] += 1
+    assert (tested == 1).all()
+    # Without groups, rows are split one by one (here stratified by label).
+    assert any(set(groups[train]) & set(groups[test]) for train, test in cv_folds(y, 0))

@@ -647,6 +647,10 @@ def test_fit_on_word_level_nll(ray_cluster, taggers, tmp_path):
     data = collect_member_outputs(plan, inputs, "tags")
     y = np.array([TAGS.index(t) for r in rows for t in r["tags"]])
     np.testing.assert_array_equal(data.y, y)
+    # CV folds keep a sentence's words together: each word knows its sentence.
+    np.testing.assert_array_equal(
+        data.groups, np.concatenate([[k] * len(r["tags"]) for k, r in enumerate(rows)])
+    )
     for i, (name, own) in enumerate((("wp", TAGS), ("bpe", BPE_TAGS))):
         ref = np.concatenate(
             [_reference_member_logits(taggers[name], words=r["words"]) for r in rows]
