@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     labelled(evaluate, "test set")
     evaluate.add_argument("--report", default="report", help="report directory (default report/)")
+    evaluate.add_argument(
+        "--no-compare-full",
+        dest="compare_full",
+        action="store_false",
+        help="with a cascade: do not score the set again with every member into "
+        "REPORT/scored-full (members are then judged on the rows they ran; no full "
+        "ensemble, gain or cost/accuracy curve in the report)",
+    )
     _add_ray_arguments(evaluate)
     demo = sub.add_parser(
         "demo",
@@ -540,11 +548,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_labelled_input(plan, args.input, args.label_column, "evaluate")
     # The scored set is replaced on each run, and only if it is an output of ours.
     check_replaceable(Location.of(args.report).join(SCORED_DIR), "--report")
-    if plan.config.cascade is not None:
+    if plan.config.cascade is not None and args.compare_full:
         check_replaceable(Location.of(args.report).join(FULL_DIR), "--report")
     with _ray(args.address, args.num_cpus):
         metrics = evaluate(
-            plan, args.input, args.label_column, args.report, cpu_fallback=_local(args.address)
+            plan,
+            args.input,
+            args.label_column,
+            args.report,
+            cpu_fallback=_local(args.address),
+            compare_full=args.compare_full,
         )
     # The report is the command's output, on stdout.
     print(render_tagging_report(metrics) if tagged else render_report(metrics))

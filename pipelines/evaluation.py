@@ -24,7 +24,7 @@ from actors.tasks.classification import (
 )
 from actors.tasks.classification import metrics as classification_metrics
 from pipelines.fitting import check_single_label, label_indices
-from pipelines.offline import score_for_report
+from pipelines.offline import ScoreSummary, score_for_report
 from pipelines.output import read_output
 from pipelines.plan import EnsemblePlan, without_cascade
 from pipelines.storage import Location
@@ -189,7 +189,8 @@ def render_report(metrics: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, m in [*metrics["members"].items(), ("**ensemble**", metrics["ensemble"])]:
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+        cells = ("-" if m[c] is None else f"{m[c]:.4f}" for c in cols)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "gain" in metrics:
         lines += ["", render_gain(metrics["gain"])]
     return "\n".join(lines)
@@ -233,7 +234,7 @@ def _matrix(table: pa.Table, column: str, ok: np.ndarray) -> np.ndarray:
 
 def cascade_metrics(
     ours: dict,
-    full: dict,
+    full: dict | None,
     stages: list[int],
     num_stages: int,
     seconds: dict[str, float] | None,
@@ -243,7 +244,8 @@ def cascade_metrics(
 ) -> dict:
     """``metrics.json``'s ``cascade`` block: the cascade's accuracy, NLL and cost (the
     members' forward seconds, summed over members, per row scored) and the share of
-    scored rows stopping at each stage, beside the full ensemble's."""
+    scored rows stopping at each stage, beside the full ensemble's (``None`` when the
+    full ensemble was not run)."""
 
     def per_row(s: dict[str, float] | None, n: int) -> float | None:
         return None if s is None or n == 0 else float(sum(s.values()) / n)
@@ -254,7 +256,9 @@ def cascade_metrics(
         "nll": ours["nll"],
         "member_s_per_row": per_row(seconds, rows),
         "stage_shares": (counts / max(len(stages), 1)).tolist(),
-        "full": {
+        "full": None
+        if full is None
+        else {
             "accuracy": full["accuracy"],
             "nll": full["nll"],
             "member_s_per_row": per_row(full_seconds, full_rows),
@@ -270,6 +274,12 @@ def render_cascade_metrics(cascade: dict) -> str:
 
     full = cascade["full"]
     shares = ", ".join(f"{s:.3f}" for s in cascade["stage_shares"])
+    full_row = (
+        "| full ensemble | not run (`--no-compare-full`) | | |"
+        if full is None
+        else f"| full ensemble | {full['accuracy']:.4f} | {full['nll']:.4f} | "
+        f"{ms(full['member_s_per_row'])} |"
+    )
     return "\n".join(
         [
             "## Cascade against the full ensemble",
@@ -278,8 +288,7 @@ def render_cascade_metrics(cascade: dict) -> str:
             "|---|---|---|---|",
             f"| cascade | {cascade['accuracy']:.4f} | {cascade['nll']:.4f} | "
             f"{ms(cascade['member_s_per_row'])} |",
-            f"| full ensemble | {full['accuracy']:.4f} | {full['nll']:.4f} | "
-            f"{ms(full['member_s_per_row'])} |",
+            full_row,
             "",
             f"Share of scored rows stopping at each stage: {shares}.",
         ]
@@ -360,6 +369,47 @@ def _cost_accuracy(
     return "cost_accuracy.png"
 
 
+def _without_full(
+    plan: EnsemblePlan,
+    table: pa.Table,
+    probs: dict[str, np.ndarray],
+    y: np.ndarray,
+    summary: ScoreSummary,
+) -> tuple[dict, dict, dict]:
+    """A cascade evaluated from its own run alone: the ``cascade`` block (``full`` null),
+    each member's metrics on the rows it ran and each pair's agreement on the rows both
+    ran (null where there were none)."""
+    cfg, task = plan.config, plan.task
+    names = [m.name for m in cfg.members]
+    scored = np.array([e is None for e in table.column("error").to_pylist()])
+    stages = [int(s) for s in np.array(table.column("cascade_stage").to_pylist())[scored]]
+    cascade = cascade_metrics(
+        task.metrics(probs["ensemble"], y),
+        None,
+        stages,
+        len(cfg.cascade.stages),
+        summary.member_seconds,
+        summary.scored,
+        None,
+        0,
+    )
+    ran = {n: ~np.isnan(probs[n]).any(axis=1) for n in names}
+    nothing = dict.fromkeys(task.metrics(probs["ensemble"][:1], y[:1]))
+    members = {
+        n: task.metrics(probs[n][ran[n]], y[ran[n]]) if ran[n].any() else nothing for n in names
+    }
+    agreement = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            both = ran[a] & ran[b]
+            agreement[f"{a}|{b}"] = (
+                float(np.mean(probs[a][both].argmax(1) == probs[b][both].argmax(1)))
+                if both.any()
+                else None
+            )
+    return cascade, members, agreement
+
+
 def evaluate(
     plan: EnsemblePlan,
     input_path: str | Path,
@@ -367,10 +417,13 @@ def evaluate(
     report_dir: str | Path,
     *,
     cpu_fallback: bool = True,
+    compare_full: bool = True,
 ) -> dict:
     """Score ``input_path`` into ``report_dir/scored`` and write metrics.json, metrics.csv,
-    report.md
-    and the plots there. Ray must be running. Returns the metrics.
+    report.md and the plots there. Ray must be running. Returns the metrics.
+
+    ``compare_full``: with a cascade, also score the set with every member into
+    ``report_dir/scored-full`` (see :func:`_without_full` for what is left out without).
 
     A token_classification ensemble is evaluated on entities instead
     (:func:`pipelines.tagging_evaluation.evaluate_tagging`)."""
@@ -400,7 +453,11 @@ def evaluate(
     probs = {n: _matrix(table, _member_probs(plan, n), ok) for n in names}
     probs["ensemble"] = _matrix(table, _ensemble_probs(plan), ok)
     cascade = None
-    if cfg.cascade is not None:
+    cascade_plot = None
+    gain = None
+    if cfg.cascade is not None and not compare_full:
+        cascade, member_metrics, agreement = _without_full(plan, table, probs, y, summary)
+    elif cfg.cascade is not None:
         # The same set again with every member on every row: the members' own metrics
         # (a cascade leaves them null on the rows that stopped before them), and the
         # full ensemble to set the cascade against.
@@ -436,16 +493,20 @@ def evaluate(
         probs = {**full, "ensemble": probs["ensemble"]}
         if len(full_y) != len(y) or not np.array_equal(full_y, y):
             raise RuntimeError("the cascade and the full run scored different rows")
-    tops = {n: np.nan_to_num(probs[n], nan=0.0).argmax(axis=1) for n in names}
-    metrics = {
-        "members": {n: task.metrics(probs[n], y) for n in names},
-        "ensemble": task.metrics(probs["ensemble"], y),
-        "agreement": {
+    if cascade is None or compare_full:
+        tops = {n: np.nan_to_num(probs[n], nan=0.0).argmax(axis=1) for n in names}
+        member_metrics = {n: task.metrics(probs[n], y) for n in names}
+        agreement = {
             f"{a}|{b}": float(np.mean(tops[a] == tops[b]))
             for i, a in enumerate(names)
             for b in names[i + 1 :]
-        },
-        "gain": gain_over_best_member(probs, y, names),
+        }
+        gain = gain_over_best_member(probs, y, names)
+    metrics = {
+        "members": member_metrics,
+        "ensemble": task.metrics(probs["ensemble"], y),
+        "agreement": agreement,
+        **({"gain": gain} if gain is not None else {}),
         "rows": int(len(y)),
         "skipped": int(summary.rows - len(y)),
         "combine": cfg.reducer.combine,
@@ -455,11 +516,15 @@ def evaluate(
         metrics["cascade"] = cascade
     report.join("metrics.json").write_bytes((json.dumps(metrics, indent=2) + "\n").encode())
     report.join("metrics.csv").write_bytes(metrics_table(metrics).to_csv().encode())
-    images = _plots(report, list(cfg.labels), probs, y)
-    if cascade is not None:
+    # Without the full run, members have no distribution on the rows that stopped
+    # before them: only the ensemble's reliability is plotted.
+    shown = probs if gain is not None else {"ensemble": probs["ensemble"]}
+    images = _plots(report, list(cfg.labels), shown, y)
+    if cascade_plot is not None:
         images.append(cascade_plot)
     pairs = "\n".join(
-        f"| {k.replace('|', ' / ')} | {v:.4f} |" for k, v in metrics["agreement"].items()
+        f"| {k.replace('|', ' / ')} | {'-' if v is None else f'{v:.4f}'} |"
+        for k, v in metrics["agreement"].items()
     )
     md = [
         f"# Evaluation of `{cfg.name}`",
@@ -471,6 +536,16 @@ def evaluate(
         render_report(metrics),
         "",
         *([render_cascade_metrics(cascade), ""] if cascade is not None else []),
+        *(
+            [
+                "Scored without the full run (`--no-compare-full`): each member's metrics "
+                "and agreements are on the rows it ran, the harder ones after a cascade; "
+                "no gain over the best member and no cost/accuracy curve.",
+                "",
+            ]
+            if gain is None
+            else []
+        ),
         "## Agreement between members (share of rows with the same top label)",
         "",
         "| pair | agreement |",

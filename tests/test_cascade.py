@@ -464,3 +464,50 @@ def test_evaluate_scores_the_cascade_and_the_full_ensemble(ray_cluster, setup):
     md = (report / "report.md").read_text()
     assert "cost_accuracy.png" in md and (report / "cost_accuracy.png").is_file()
     assert "Cascade against the full ensemble" in md
+
+
+def test_evaluate_no_compare_full_scores_the_cascade_alone(ray_cluster, setup):
+    """`evaluate --no-compare-full`: the cascade's run only; each member judged on the
+    rows it ran."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    tmp = setup["tmp"]
+    texts = make_texts(60, seed=47, max_words=30)
+    rng = np.random.default_rng(5)
+    src = tmp / "test-alone.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"a{i}", "text": t, "label": LABELS[int(rng.integers(2))]}) + "\n"
+            for i, t in enumerate(texts)
+        )
+    )
+    path = tmp / "cascade-alone.yaml"
+    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    report = tmp / "report-alone"
+    args = ["evaluate", str(path), "--input", str(src), "--label-column", "label"]
+    assert main([*args, "--report", str(report), "--no-compare-full"]) == 0
+    assert not (report / "scored-full").exists()
+    metrics = json.loads((report / "metrics.json").read_text())
+    block = metrics["cascade"]
+    assert block["full"] is None and block["member_s_per_row"] > 0
+    scored = pq.read_table(sorted((report / "scored").glob("*.parquet"))).to_pylist()
+    y = np.array([LABELS.index(r["true_label"]) for r in scored])
+    stages = np.array([r["cascade_stage"] for r in scored])
+    np.testing.assert_allclose(block["stage_shares"], np.bincount(stages - 1, minlength=3) / 60)
+    ours = np.array([r["probs"] for r in scored])
+    assert block["accuracy"] == pytest.approx(np.mean(ours.argmax(-1) == y))
+    for i, name in enumerate(NAMES):
+        ran = stages > i
+        assert ran.any()
+        p = np.array([r[f"probs__{name}"] for r, keep in zip(scored, ran, strict=True) if keep])
+        assert all(
+            r[f"probs__{name}"] is None for r, keep in zip(scored, ran, strict=True) if not keep
+        )
+        expected = np.mean(p.argmax(-1) == y[ran])
+        assert metrics["members"][name]["accuracy"] == pytest.approx(expected)
+    assert "gain" not in metrics
+    md = (report / "report.md").read_text()
+    assert "not run (`--no-compare-full`)" in md and "cost_accuracy.png" not in md
