@@ -43,11 +43,16 @@ import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from actors.backends.base import native_bfloat16
 from pipelines.config import ConfigError
+
+if TYPE_CHECKING:
+    from pipelines.fitting import FitResult, LabelledOutputs
+    from pipelines.plan import EnsemblePlan
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +445,33 @@ def demo_config(base_model: Path, bfloat16: bool) -> dict:
     }
 
 
+def fit_and_write(
+    base_config: Path, validation: Path, label_column: str, out: Path
+) -> tuple[EnsemblePlan, LabelledOutputs, FitResult, Path]:
+    """``fit`` as the demos run it (Ray must be running): the members' outputs on the
+    validation set, temperatures and the combination by CV, the fitted config written to
+    ``out`` and the fit's table printed. Returns the plan, the outputs, the fit and the
+    fitted config's path."""
+    from pipelines.config import load_config
+    from pipelines.fitting import (
+        collect_member_outputs,
+        fit_ensemble,
+        render_fit,
+        write_fitted_config,
+    )
+    from pipelines.plan import plan_ensemble
+
+    plan = plan_ensemble(load_config(base_config))
+    outputs = collect_member_outputs(plan, validation, label_column)
+    result = fit_ensemble(plan, outputs)
+    fitted = write_fitted_config(base_config, out, plan.config, result)
+    print("\n" + render_fit(result, outputs.skipped, fitted))
+    warning = result.no_gain_warning()
+    if warning:
+        print(f"fit: {warning}")
+    return plan, outputs, result, fitted
+
+
 def run_demo(
     workdir: str | Path,
     *,
@@ -460,9 +492,7 @@ def run_demo(
     from pipelines.evaluation import evaluate, render_cascade_metrics, render_report
     from pipelines.fitting import (
         calibrated,
-        collect_member_outputs,
         fit_ensemble,
-        render_fit,
         write_fitted_config,
     )
     from pipelines.plan import plan_ensemble
@@ -539,15 +569,10 @@ def run_demo(
             f"{len(train.texts)} rows (reused when present)"
         )
         train_members(cfg, train, workdir=work / "checkpoints", skip_existing=True)
-        plan = plan_ensemble(load_config(base_config))
         step("fit: temperatures, then every combination by CV on the validation split")
-        outputs = collect_member_outputs(plan, data / "validation.jsonl", "label")
-        result = fit_ensemble(plan, outputs)
-        fitted = write_fitted_config(base_config, work / "ensemble.yaml", plan.config, result)
-        print("\n" + render_fit(result, outputs.skipped, fitted))
-        warning = result.no_gain_warning()
-        if warning:
-            print(f"fit: {warning}")
+        plan, outputs, result, fitted = fit_and_write(
+            base_config, data / "validation.jsonl", "label", work / "ensemble.yaml"
+        )
         fitted_plan = plan_ensemble(load_config(fitted))
         step("evaluate: the fitted ensemble on the test split")
         in_domain = evaluate(fitted_plan, data / "test.jsonl", "label", work / "report" / "test")

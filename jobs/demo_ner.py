@@ -359,15 +359,15 @@ def run_ner_demo(
     """``ray_session``: a context that has Ray running inside it. ``None`` rows: all;
     ``epochs``: MiniLM's passes over its training sample."""
     from actors.backends.base import native_bfloat16
-    from jobs.demo import FROZEN_ENCODER, default_downloads, find_base_model, find_frozen_encoder
+    from jobs.demo import (
+        FROZEN_ENCODER,
+        default_downloads,
+        find_base_model,
+        find_frozen_encoder,
+        fit_and_write,
+    )
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate
-    from pipelines.fitting import (
-        collect_member_outputs,
-        fit_ensemble,
-        render_fit,
-        write_fitted_config,
-    )
     from pipelines.plan import plan_ensemble
     from pipelines.tagging_evaluation import render_tagging_report
     from pipelines.training import read_train_set, train_members
@@ -430,15 +430,10 @@ def run_ner_demo(
         train_set = read_train_set(cfg, data / "train.jsonl", "tags")
         step(f"train: minilm_l6 with Ray Train on {train_set.rows} sentences (reused when present)")
         train_members(cfg, train_set, workdir=work / "checkpoints", skip_existing=True)
-        plan = plan_ensemble(load_config(base_config))
         step("fit: temperatures, then every combination by CV on the validation words")
-        outputs = collect_member_outputs(plan, data / "validation.jsonl", "tags")
-        result = fit_ensemble(plan, outputs)
-        fitted = write_fitted_config(base_config, work / "ensemble.yaml", plan.config, result)
-        print("\n" + render_fit(result, outputs.skipped, fitted))
-        warning = result.no_gain_warning()
-        if warning:
-            print(f"fit: {warning}")
+        _, _, result, fitted = fit_and_write(
+            base_config, data / "validation.jsonl", "tags", work / "ensemble.yaml"
+        )
         step("evaluate: the fitted ensemble on the test split")
         metrics = evaluate(
             plan_ensemble(load_config(fitted)), data / "test.jsonl", "tags", work / "report"
