@@ -445,6 +445,20 @@ def demo_config(base_model: Path, bfloat16: bool) -> dict:
     }
 
 
+def check_split(work: Path, split: dict) -> Path:
+    """Refuse a workdir whose members were trained on another split (they would have seen
+    other rows, maybe today's test rows); returns the marker file to write the split to
+    once the data is in place."""
+    marker = work / "data" / "split.json"
+    earlier = json.loads(marker.read_text()) if marker.is_file() else split
+    if (work / "models").is_dir() and earlier != split:
+        raise ConfigError(
+            f"{work} holds members trained on a split with {earlier}; use a new --workdir "
+            f"for {split}"
+        )
+    return marker
+
+
 def fit_and_write(
     base_config: Path, validation: Path, label_column: str, out: Path
 ) -> tuple[EnsemblePlan, LabelledOutputs, FitResult, Path]:
@@ -510,14 +524,7 @@ def run_demo(
     frozen = find_frozen_encoder(downloads)
     data = work / "data"
     split = {"seed": SPLIT_SEED, "eval_rows": eval_rows, "train_rows": train_rows}
-    marker = data / "split.json"
-    earlier = json.loads(marker.read_text()) if marker.is_file() else split
-    if (work / "models").is_dir() and earlier != split:
-        # Reused members trained on another split would have seen today's test rows.
-        raise ConfigError(
-            f"{work} holds members trained on a split with {earlier}; use a new --workdir "
-            f"for {split}"
-        )
+    marker = check_split(work, split)
     splits = prepare_splits(corpus, data, eval_rows=eval_rows, train_rows=train_rows)
     sizes = {name: len(part) for name, part in splits.items()}
     off = read_off_domain(sdist)

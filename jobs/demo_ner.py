@@ -361,6 +361,7 @@ def run_ner_demo(
     from actors.backends.base import native_bfloat16
     from jobs.demo import (
         FROZEN_ENCODER,
+        check_split,
         default_downloads,
         find_base_model,
         find_frozen_encoder,
@@ -389,14 +390,7 @@ def run_ner_demo(
         "eval_rows": eval_rows,
         "test_rows": test_rows,
     }
-    marker = data / "split.json"
-    earlier = json.loads(marker.read_text()) if marker.is_file() else split
-    if (work / "models").is_dir() and earlier != split:
-        # Reused members trained on another sample would be compared on other terms.
-        raise ConfigError(
-            f"{work} holds members trained on a split with {earlier}; use a new --workdir "
-            f"for {split}"
-        )
+    marker = check_split(work, split)
     splits = prepare_ner_splits(
         wheel, data, train_rows=train_rows, eval_rows=eval_rows, test_rows=test_rows
     )

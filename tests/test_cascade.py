@@ -422,25 +422,34 @@ def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
     assert main([*args, "--output", str(out), "--cascade", "--combine", "stacking"]) == 2
 
 
+def _labelled_set(setup, name: str, n: int, seed: int) -> tuple:
+    """``n`` labelled texts in ``<name>.jsonl`` and the cascade's config in
+    ``<name>.yaml``, under the module's folder."""
+    import yaml
+
+    tmp = setup["tmp"]
+    rng = np.random.default_rng(seed)
+    src = tmp / f"{name}.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"{name}{i}", "text": t, "label": LABELS[int(rng.integers(2))]})
+            + "\n"
+            for i, t in enumerate(make_texts(n, seed=seed, max_words=30))
+        )
+    )
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    return src, path
+
+
 def test_evaluate_scores_the_cascade_and_the_full_ensemble(ray_cluster, setup):
     """`evaluate` on a cascade: a real cascade run and a full one, side by side."""
     import pyarrow.parquet as pq
-    import yaml
 
     from jobs.cli import main
 
     tmp = setup["tmp"]
-    texts = make_texts(80, seed=43, max_words=30)
-    rng = np.random.default_rng(4)
-    src = tmp / "test.jsonl"
-    src.write_text(
-        "".join(
-            json.dumps({"id": f"t{i}", "text": t, "label": LABELS[int(rng.integers(2))]}) + "\n"
-            for i, t in enumerate(texts)
-        )
-    )
-    path = tmp / "cascade.yaml"
-    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    src, path = _labelled_set(setup, "t", 80, seed=43)
     report = tmp / "report"
     args = ["evaluate", str(path), "--input", str(src), "--label-column", "label"]
     assert main([*args, "--report", str(report)]) == 0
@@ -470,22 +479,11 @@ def test_evaluate_no_compare_full_scores_the_cascade_alone(ray_cluster, setup):
     """`evaluate --no-compare-full`: the cascade's run only; each member judged on the
     rows it ran."""
     import pyarrow.parquet as pq
-    import yaml
 
     from jobs.cli import main
 
     tmp = setup["tmp"]
-    texts = make_texts(60, seed=47, max_words=30)
-    rng = np.random.default_rng(5)
-    src = tmp / "test-alone.jsonl"
-    src.write_text(
-        "".join(
-            json.dumps({"id": f"a{i}", "text": t, "label": LABELS[int(rng.integers(2))]}) + "\n"
-            for i, t in enumerate(texts)
-        )
-    )
-    path = tmp / "cascade-alone.yaml"
-    path.write_text(yaml.safe_dump({**setup["base"], "cascade": setup["cascade"]}))
+    src, path = _labelled_set(setup, "a", 60, seed=47)
     report = tmp / "report-alone"
     args = ["evaluate", str(path), "--input", str(src), "--label-column", "label"]
     assert main([*args, "--report", str(report), "--no-compare-full"]) == 0
