@@ -301,7 +301,6 @@ class EnsembleServer(HttpApi):
             "answer within serve.member_timeout_s (a quorum answer).",
             tag_keys=("member",),
         )
-        self.quorum = self.limits.min_members or len(self.cfg.members)
         self.plan_specs = {spec.name: spec for spec in plan.specs}
 
     async def members_not_ready(self) -> list[str]:
@@ -421,8 +420,7 @@ class EnsembleServer(HttpApi):
             if isinstance(result, BaseException):
                 missing += names
                 failures.append(result)
-        if missing and len(self.cfg.members) - len(missing) < self.quorum:
-            raise failures[0]
+        self._check_quorum(missing, failures)
         for (names, _), result in zip(self.remote, results, strict=True):
             if isinstance(result, BaseException):
                 # A missing member's outputs: NaN rows, which the reduce leaves out.
@@ -479,8 +477,7 @@ class EnsembleServer(HttpApi):
                 for k, name in enumerate(names):
                     if name in only:
                         outputs[name][rows] = np.concatenate([c[k] for c in result])
-            if missing and len(cfg.members) - len(missing) < self.quorum:
-                raise failures[0]
+            self._check_quorum(missing, failures)
             if s < len(cascade.exit_at):
                 close_stage(self.plan, outputs, state, valid, s)
         stages = final_stages(self.plan, state)
@@ -494,6 +491,12 @@ class EnsembleServer(HttpApi):
             missing=missing,
             cascade_stage=stages,
         )
+
+    def _check_quorum(self, missing: Collection[str], failures: list[BaseException]) -> None:
+        """Raise the first member host's failure when the members left are fewer than
+        ``serve.min_members``."""
+        if missing and len(self.cfg.members) - len(missing) < self.quorum:
+            raise failures[0]
 
     async def _answer(self, names: tuple[str, ...], call: Any) -> Any:
         """A member host's answer, or why there is none: it failed, or did not answer

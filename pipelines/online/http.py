@@ -289,8 +289,10 @@ class HttpApi:
         self.task = plan.task
         self.scoring = 0  # requests between admission and answer, this replica
         self.widths = _widths(plan)  # each output's trailing shape, for the V2 metadata
-        # A quorum below the member count makes partial answers, which V2 answers name.
-        partial = (self.limits.min_members or len(self.cfg.members)) < len(self.cfg.members)
+        # The fewest members an answer may be made from; below the member count, some
+        # answers are partial, and V2 answers name what they lack.
+        self.quorum = self.limits.min_members or len(self.cfg.members)
+        partial = self.quorum < len(self.cfg.members)
         self.v2_output_fields = (*self.task.fields, *((MISSING_FIELD,) if partial else ()))
         if partial:
             self.widths[MISSING_FIELD.name] = ()
