@@ -248,14 +248,14 @@ def _stage_groups(
     by_name = {m.name: m for m in cfg.members}
     groups: list[list[MemberConfig]] = []
     kinds: list[str] = []
+
+    def kind(m: MemberConfig) -> str:
+        if _own_host(m, on_gpu[m.name]):
+            return "own"
+        return "gpu" if on_gpu[m.name] else "cpu"
+
     for stage in cfg.cascade.stages:  # type: ignore[union-attr]
         members = [by_name[n] for n in stage]
-
-        def kind(m: MemberConfig) -> str:
-            if _own_host(m, on_gpu[m.name]):
-                return "own"
-            return "gpu" if on_gpu[m.name] else "cpu"
-
         # Members that can join the last host first: fewer hosts, same order of stages.
         last = kinds[-1] if kinds else None
         for m in sorted(members, key=lambda m: (kind(m) != last, kind(m))):
