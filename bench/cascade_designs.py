@@ -80,7 +80,7 @@ def judged_outputs(path: Path, names: list[str], labels: list[str]) -> tuple:
 def run(probs, y, w, method, order, exit_at, index, cost) -> tuple[float, float, np.ndarray]:
     """Accuracy, cost per row and stage shares of one cascade."""
     stages = [[index[n] for n in s] for s in order]
-    prefix = cf._prefix(probs, w, method, stages)
+    prefix = cf.stage_prefixes(probs, w, method, stages)
     stage_cost = np.array([cost[s].sum() for s in stages])
     acc, _, c, shares = cf.evaluate_cascade(prefix, exit_at, stage_cost, y)
     return acc, c, shares

@@ -464,6 +464,7 @@ def _train(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
     from pipelines.fitting import (
+        check_fit_method,
         check_labelled_input,
         collect_member_outputs,
         fit_ensemble,
@@ -474,11 +475,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     if not 0 <= args.max_loss < 1:
         raise ConfigError(f"--max-loss: {args.max_loss} is not a share in [0, 1); e.g. 0.002")
-    if args.cascade and args.combine == "stacking":
-        raise ConfigError(
-            "--combine stacking with --cascade: the stacking meta-model reads every member, "
-            "so a row cannot stop early; use --combine auto, weighted_mean or geometric_mean"
-        )
+    check_fit_method(args.combine, args.cascade)
     cfg = load_config(args.config)
     plan = plan_ensemble(cfg)
     inputs = check_labelled_input(plan, args.input, args.label_column, "fit")
@@ -507,28 +504,13 @@ def _fit_cascade(
 ) -> tuple[dict, str]:
     """The cascade block for the fitted ensemble (empty when none keeps the bounds) and
     the candidates table."""
-    from pipelines.cascade_fitting import fit_cascade, measure_member_costs, render_cascade
-    from pipelines.fitting import calibrated
+    from pipelines.cascade_fitting import fit_cascade_block
     from pipelines.io import read_column
 
     texts = read_column(list(inputs.files), inputs.fmt, plan.config.input.text_column)
-    costs = measure_member_costs(plan, texts, cpu_fallback=_local(args.address))
-    fit = fit_cascade(
-        calibrated(data.logits, result.temperatures),
-        data.y,
-        result.weights,
-        result.combine,
-        [costs[n] for n in data.names],
-        data.names,
-        max_loss=args.max_loss,
+    return fit_cascade_block(
+        plan, texts, data, result, max_loss=args.max_loss, cpu_fallback=_local(args.address)
     )
-    block: dict = {}
-    if fit.chosen is not None:
-        block = {
-            "stages": [list(stage) for stage in fit.chosen.stages],
-            "exit_at": [float(t) for t in fit.chosen.exit_at],
-        }
-    return block, render_cascade(fit, costs)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -501,11 +501,10 @@ def run_demo(
     import numpy as np
 
     from jobs.demo_members import train_bag_of_pieces, train_pooled_head
-    from pipelines.cascade_fitting import fit_cascade, measure_member_costs, render_cascade
+    from pipelines.cascade_fitting import fit_cascade_block
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_cascade_metrics, render_report
     from pipelines.fitting import (
-        calibrated,
         fit_ensemble,
         write_fitted_config,
     )
@@ -592,25 +591,10 @@ def run_demo(
         cascade_result = fit_ensemble(plan, outputs, cascade=True)
         with open(data / "validation.jsonl") as f:
             val_texts = [json.loads(line)["text"] for line in f]
-        costs = measure_member_costs(plan, val_texts)
-        chosen = fit_cascade(
-            calibrated(outputs.logits, cascade_result.temperatures),
-            outputs.y,
-            cascade_result.weights,
-            cascade_result.combine,
-            [costs[n] for n in outputs.names],
-            outputs.names,
-            max_loss=CASCADE_MAX_LOSS,
+        block, table = fit_cascade_block(
+            plan, val_texts, outputs, cascade_result, max_loss=CASCADE_MAX_LOSS
         )
-        print("\n" + render_cascade(chosen, costs))
-        block = (
-            {
-                "stages": [list(stage) for stage in chosen.chosen.stages],
-                "exit_at": [float(t) for t in chosen.chosen.exit_at],
-            }
-            if chosen.chosen is not None
-            else {}
-        )
+        print("\n" + table)
         cascade_config = write_fitted_config(
             base_config, work / "cascade.yaml", plan.config, cascade_result, cascade=block
         )

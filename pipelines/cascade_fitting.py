@@ -44,9 +44,11 @@ __all__ = [
     "CascadeFit",
     "evaluate_cascade",
     "fit_cascade",
+    "fit_cascade_block",
     "measure_member_costs",
     "ordered_splits",
     "render_cascade",
+    "stage_prefixes",
 ]
 
 # The thresholds tried after each stage. 1.0 lets no row stop there (the next stage
@@ -98,7 +100,7 @@ def ordered_splits(names: Sequence[str]) -> list[tuple[tuple[str, ...], ...]]:
     return out
 
 
-def _prefix(
+def stage_prefixes(
     probs: np.ndarray, weights: np.ndarray, method: str, stages: Sequence[Sequence[int]]
 ) -> list[np.ndarray]:
     """The ensemble so far after each stage, ``(n, L)`` each."""
@@ -215,7 +217,7 @@ def fit_cascade(
     table = []
     for order in ordered_splits(names):
         stages = [[index[n] for n in stage] for stage in order]
-        prefix = _prefix(probs, w, method, stages)
+        prefix = stage_prefixes(probs, w, method, stages)
         stage_cost = np.array([cost[s].sum() for s in stages])
         for exit_at in _grids(len(stages)):
             table.append((order, exit_at, prefix, stage_cost))
@@ -339,6 +341,40 @@ def measure_member_costs(
         )
     costs = {k: v for c in calls for k, v in c.items()}
     return {m.name: costs[m.name] for m in plan.config.members}
+
+
+def fit_cascade_block(
+    plan: Any,
+    texts: Sequence[str],
+    data: Any,
+    result: Any,
+    *,
+    max_loss: float,
+    cpu_fallback: bool = True,
+) -> tuple[dict, str]:
+    """`fit --cascade` after `fit`: the members timed on ``texts``, then the cascade
+    fitted on ``data`` (:class:`pipelines.fitting.LabelledOutputs`) with ``result``'s
+    temperatures, weights and combination. Returns the config's ``cascade`` block (empty
+    when no candidate keeps the bounds) and the candidates table. Ray must be running."""
+    from pipelines.fitting import calibrated
+
+    costs = measure_member_costs(plan, texts, cpu_fallback=cpu_fallback)
+    fit = fit_cascade(
+        calibrated(data.logits, result.temperatures),
+        data.y,
+        result.weights,
+        result.combine,
+        [costs[n] for n in data.names],
+        data.names,
+        max_loss=max_loss,
+    )
+    block: dict = {}
+    if fit.chosen is not None:
+        block = {
+            "stages": [list(stage) for stage in fit.chosen.stages],
+            "exit_at": [float(t) for t in fit.chosen.exit_at],
+        }
+    return block, render_cascade(fit, costs)
 
 
 def render_cascade(fit: CascadeFit, member_cost: dict[str, float]) -> str:

@@ -312,7 +312,7 @@ def _cost_accuracy(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from actors.reducer import cascade_stages, combine
+    from pipelines.cascade_fitting import evaluate_cascade, stage_prefixes
 
     cfg = plan.config
     names = [m.name for m in cfg.members]
@@ -320,26 +320,14 @@ def _cost_accuracy(
     weights = np.array([m.weight for m in cfg.members], dtype=np.float64)
     stages = [[names.index(m) for m in stage] for stage in cfg.cascade.stages]
     cost = np.array([(seconds or {}).get(n, np.nan) / max(rows, 1) for n in names])
+    prefix = stage_prefixes(probs, weights, cfg.reducer.combine, stages)
+    stage_cost = np.array([cost[s].sum() for s in stages])
     points = []
     for k in range(1, len(stages) + 1):
-        kept = stages[:k]
-        ran = cascade_stages(
-            probs, weights, cfg.reducer.combine, kept, cfg.cascade.exit_at[: k - 1]
+        accuracy, _, spent, _ = evaluate_cascade(
+            prefix[:k], cfg.cascade.exit_at[: k - 1], stage_cost[:k], y
         )
-        p = np.stack(
-            [
-                combine(
-                    probs[[m for s in kept[: j + 1] for m in s]],
-                    weights[[m for s in kept[: j + 1] for m in s]],
-                    cfg.reducer.combine,
-                    multi_label=False,
-                )
-                for j in range(k)
-            ]
-        )[ran - 1, np.arange(len(y))]
-        reach = np.array([np.mean(ran >= j + 1) for j in range(k)])
-        stage_cost = np.array([cost[s].sum() for s in kept])
-        points.append((float(reach @ stage_cost), float(np.mean(p.argmax(-1) == y))))
+        points.append((spent, accuracy))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot(
         [1e3 * c for c, _ in points],

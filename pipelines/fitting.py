@@ -50,9 +50,11 @@ __all__ = [
     "FitResult",
     "LabelledOutputs",
     "calibrated",
+    "check_fit_method",
     "check_labelled_input",
     "choose_combination",
     "collect_member_outputs",
+    "cv_folds",
     "fit_ensemble",
     "fit_temperature",
     "fit_weights",
@@ -457,6 +459,15 @@ def choose_combination(
     return candidates, chosen.combine, weights, model
 
 
+def check_fit_method(method: str, cascade: bool) -> None:
+    """Refuse a combination `fit --cascade` cannot use (ConfigError)."""
+    if cascade and method == "stacking":
+        raise ConfigError(
+            "--combine stacking with --cascade: the stacking meta-model reads every member, "
+            "so a row cannot stop early; use --combine auto, weighted_mean or geometric_mean"
+        )
+
+
 def fit_ensemble(
     plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO, *, cascade: bool = False
 ) -> FitResult:
@@ -470,11 +481,7 @@ def fit_ensemble(
     offered = tuple(c for c in FIT_CANDIDATES if c in plan.task.combine_methods)
     if method not in (AUTO, *offered):
         raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *offered]}")
-    if cascade and method == "stacking":
-        raise ConfigError(
-            "--combine stacking with --cascade: the stacking meta-model reads every member, "
-            "so a row cannot stop early; use --combine auto, weighted_mean or geometric_mean"
-        )
+    check_fit_method(method, cascade)
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
