@@ -44,8 +44,10 @@ __all__ = [
     "l2_normalise",
     "member_top",
     "normalise",
+    "only",
     "prefix_top",
     "reduce_classification",
+    "stack_present",
 ]
 
 _TINY = np.finfo(np.float64).tiny
@@ -265,27 +267,71 @@ def stack(member_probs: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> 
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# Stacking meta-models keyed by the indices of the members each reads, in order:
+# ``{(0, 1, 2): (coef, intercept), (0,): ...}``. A plain ``(coef, intercept)`` reads every
+# member.
+MetaModels = Mapping[tuple[int, ...], tuple[np.ndarray, np.ndarray]]
+
+
+def stack_present(
+    member_probs: np.ndarray, models: MetaModels | tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """:func:`stack` per row with the meta-model of the members present for that row
+    (a member that did not run reads all NaN): a cascade's rows that stopped early get
+    their stage prefix's meta-model. ``(n, L)``; NaN for rows no member scored.
+
+    >>> p = np.array([[[0.9, 0.1], [0.8, 0.2]], [[0.7, 0.3], [np.nan, np.nan]]])
+    >>> both, first = (np.eye(2, 4), np.zeros(2)), (np.eye(2), np.zeros(2))
+    >>> np.round(stack_present(p, {(0, 1): both, (0,): first}), 2).tolist()
+    [[0.9, 0.1], [0.8, 0.2]]
+    """
+    probs = np.asarray(member_probs, dtype=np.float64)
+    m, n, num_labels = probs.shape
+    if isinstance(models, tuple):
+        models = {tuple(range(m)): models}
+    present = ~np.all(np.isnan(probs), axis=-1)  # (M, n)
+    out = np.full((n, num_labels), np.nan)
+    for pattern in np.unique(present.T, axis=0):
+        key = tuple(int(i) for i in np.flatnonzero(pattern))
+        if not key:
+            continue
+        if key not in models:
+            raise ValueError(
+                f"stacking: no meta-model for the members {list(key)} (by index); refit "
+                "with `ray-ensemble fit --combine stacking`"
+            )
+        rows = np.all(present.T == pattern, axis=1)
+        out[rows] = stack(probs[list(key)][:, rows], *models[key])
+    return out
+
+
 def ensemble_distribution(
     member_probs: np.ndarray,
     weights: np.ndarray,
     method: str,
     *,
     multi_label: bool,
-    stacking: tuple[np.ndarray, np.ndarray] | None = None,
+    stacking: MetaModels | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The ensemble's ``(n, L)`` distribution: :func:`combine`, or the stacking meta-model
-    ``(coef, intercept)`` for ``method="stacking"``."""
+    """The ensemble's ``(n, L)`` distribution: :func:`combine`, or for
+    ``method="stacking"`` the meta-model of the members present (:func:`stack_present`)."""
     if method == "stacking":
         if stacking is None or multi_label:
             raise ValueError("stacking needs a fitted meta-model and a single-label task")
-        return stack(member_probs, *stacking)
+        return stack_present(member_probs, stacking)
     return combine(member_probs, weights, method, multi_label=multi_label)
 
 
-def prefix_top(member_probs: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
+def prefix_top(
+    member_probs: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    stacking: MetaModels | None = None,
+) -> np.ndarray:
     """The top probability ``(n,)`` of the ensemble so far: ``method`` over the members
-    given ``(k, n, L)`` (single-label), their weights renormalised over them. NaN for a
-    row none of them scored.
+    given ``(k, n, L)`` (single-label), their weights renormalised over them, or with
+    ``stacking`` the meta-model of the members present (those not run read NaN). NaN
+    for a row none of them scored.
 
     >>> p = np.array([[[0.9, 0.1]], [[0.5, 0.5]]])
     >>> float(prefix_top(p[:1], np.array([2.0]), "weighted_mean")[0])
@@ -293,19 +339,31 @@ def prefix_top(member_probs: np.ndarray, weights: np.ndarray, method: str) -> np
     >>> round(float(prefix_top(p, np.array([3.0, 1.0]), "weighted_mean")[0]), 3)
     0.8
     """
-    p = combine(member_probs, weights, method, multi_label=False)
+    p = ensemble_distribution(member_probs, weights, method, multi_label=False, stacking=stacking)
     scored = ~np.all(np.isnan(p), axis=-1)
     top = np.full(p.shape[0], np.nan)
     top[scored] = np.nanmax(p[scored], axis=-1)
     return top
 
 
+def only(member_probs: np.ndarray, members: Sequence[int]) -> np.ndarray:
+    """``(M, n, L)`` with every member but ``members`` set to NaN (not run)."""
+    out = np.full(np.shape(member_probs), np.nan)
+    out[list(members)] = np.asarray(member_probs, dtype=np.float64)[list(members)]
+    return out
+
+
 def cascade_exits(
-    member_probs: np.ndarray, weights: np.ndarray, method: str, threshold: float
+    member_probs: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    threshold: float,
+    stacking: MetaModels | None = None,
 ) -> np.ndarray:
     """The exit rule after a stage: rows ``(n,)`` whose ensemble so far (the members
-    run so far, ``(k, n, L)``) puts at least ``threshold`` on its top label."""
-    top = prefix_top(member_probs, weights, method)
+    run so far; the others NaN, or left out) puts at least ``threshold`` on its top
+    label."""
+    top = prefix_top(member_probs, weights, method, stacking)
     return np.nan_to_num(top, nan=-1.0) >= threshold
 
 
@@ -315,6 +373,7 @@ def cascade_stages(
     method: str,
     stages: Sequence[Sequence[int]],
     exit_at: Sequence[float],
+    stacking: MetaModels | None = None,
 ) -> np.ndarray:
     """How many stages each row runs ``(n,)``, from every member's distribution
     ``(M, n, L)``: the first stage ``i`` (1-based) after which :func:`cascade_exits`
@@ -329,7 +388,7 @@ def cascade_stages(
     open_ = np.ones(probs.shape[1], dtype=bool)
     for i, threshold in enumerate(exit_at):
         idx = [m for stage in stages[: i + 1] for m in stage]
-        stop = open_ & cascade_exits(probs[idx], w[idx], method, threshold)
+        stop = open_ & cascade_exits(only(probs, idx), w, method, threshold, stacking)
         out[stop] = i + 1
         open_ &= ~stop
     return out

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import pipelines.cascade_fitting as cf  # noqa: E402
-from actors.reducer import combine  # noqa: E402
+from actors.reducer import combine, stack  # noqa: E402
 
 RULES = ((0.002, 1.645), (0.003, 1.645), (0.002, 0.0), (0.003, 0.0))
 GRID = np.round(np.concatenate([np.arange(0.5, 0.9, 0.02), np.arange(0.9, 1.0, 0.005), [1.0]]), 4)
@@ -77,10 +77,40 @@ def judged_outputs(path: Path, names: list[str], labels: list[str]) -> tuple:
     return probs, y
 
 
-def run(probs, y, w, method, order, exit_at, index, cost) -> tuple[float, float, np.ndarray]:
+def distributions(sets: dict, w: np.ndarray, method: str, labels: list[str]) -> dict:
+    """Per set, a function from member indices to the ensemble so far ``(n, L)`` over
+    them, cached. With stacking, each member subset's meta-model is fitted on the
+    validation rows (on validation itself, each row's from the other CV folds)."""
+    from pipelines.fitting import fit_stacking
+
+    pv, yv = sets["validation"]
+    metas: dict = {}
+    out = {}
+    for s, (p, y) in sets.items():
+        if method == "stacking" and s == "validation":
+            out[s] = cf.held_out_stacking(p, y, labels)
+            continue
+        cache: dict = {}
+
+        def dist(idx, p=p, cache=cache):
+            key = tuple(sorted(idx))
+            if key not in cache:
+                if method == "stacking":
+                    if key not in metas:
+                        metas[key] = fit_stacking(pv[list(key)], yv, labels, [str(k) for k in key])
+                    cache[key] = stack(p[list(key)], metas[key].coef, metas[key].intercept)
+                else:
+                    cache[key] = combine(p[list(key)], w[list(key)], method, multi_label=False)
+            return cache[key]
+
+        out[s] = dist
+    return out
+
+
+def run(dist, y, order, exit_at, index, cost) -> tuple[float, float, np.ndarray]:
     """Accuracy, cost per row and stage shares of one cascade."""
     stages = [[index[n] for n in s] for s in order]
-    prefix = cf.stage_prefixes(probs, w, method, stages)
+    prefix = [dist([m for st in stages[: k + 1] for m in st]) for k in range(len(stages))]
     stage_cost = np.array([cost[s].sum() for s in stages])
     acc, _, c, shares = cf.evaluate_cascade(prefix, exit_at, stage_cost, y)
     return acc, c, shares
@@ -94,6 +124,11 @@ def main() -> None:
     parser.add_argument("--costs", default="pieces=0.025,minilm_l6=2.832,mpnet=13.126")
     parser.add_argument("--target", type=float, default=0.003, help="floor: loss bound")
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument(
+        "--combine",
+        default=None,
+        help="instead of the config's combination (stacking: a meta-model per stage prefix)",
+    )
     args = parser.parse_args()
 
     from pipelines.config import load_config
@@ -102,17 +137,18 @@ def main() -> None:
     names = [m.name for m in cfg.members]
     index = {n: i for i, n in enumerate(names)}
     w = np.array([m.weight for m in cfg.members], dtype=np.float64)
-    method = cfg.reducer.combine
+    method = args.combine or cfg.reducer.combine
+    labels = list(cfg.labels)
     given = dict(kv.split("=") for kv in args.costs.split(","))
     cost = np.array([float(given[n]) for n in names])
     sets = {"validation": validation_outputs(args.config, args.validation, args.cache)}
     for spec in args.judge:
         name, path = spec.split("=", 1)
         sets[name] = judged_outputs(Path(path), names, list(cfg.labels))
-    full = {
-        s: float(np.mean(combine(p, w, method, multi_label=False).argmax(-1) == y))
-        for s, (p, y) in sets.items()
-    }
+    dists = distributions(sets, w, method, labels)
+    every = list(range(len(names)))
+    full = {s: float(np.mean(dists[s](every).argmax(-1) == y)) for s, (_, y) in sets.items()}
+    print("full ensemble accuracy: " + ", ".join(f"{s} {100 * a:.2f}%" for s, a in full.items()))
 
     print("fit rules (fitted on validation only): cost ratio / accuracy loss in points")
     print(f"| max_loss | margin z | stages | exit_at | held-out folds | {' | '.join(sets)} |")
@@ -120,14 +156,16 @@ def main() -> None:
     for max_loss, z in RULES:
         cf.CONFIDENCE_Z = z
         probs, y = sets["validation"]
-        fit = cf.fit_cascade(probs, y, w, method, cost / 1e3, names, max_loss=max_loss)
+        fit = cf.fit_cascade(
+            probs, y, w, method, cost / 1e3, names, max_loss=max_loss, labels=labels
+        )
         c = fit.chosen
         if c is None:
             print(f"| {max_loss} | {z} | none | | | |")
             continue
         cells = []
-        for s, (p, yy) in sets.items():
-            acc, cst, _ = run(p, yy, w, method, c.stages, c.exit_at, index, cost)
+        for s, (_p, yy) in sets.items():
+            acc, cst, _ = run(dists[s], yy, c.stages, c.exit_at, index, cost)
             cells.append(f"{cst / cost.sum():.3f} / {100 * (full[s] - acc):+.2f}")
         held = " ".join(f"{100 * loss:+.2f}" for loss, _, _ in fit.held_out)
         stages = " > ".join("+".join(s) for s in c.stages)
@@ -135,11 +173,11 @@ def main() -> None:
         print(f"| {max_loss} | {z} | {stages} | {exit_at} | {held} | {' | '.join(cells)} |")
 
     print(f"\nfloor: cheapest cascade within {100 * args.target:.1f} points on the set itself")
-    for s, (p, y) in sets.items():
+    for s, (_p, y) in sets.items():
         best = (np.inf, None, None)
         for order in cf.ordered_splits(names):
             for exit_at in itertools.product(GRID, repeat=len(order) - 1):
-                acc, cst, _ = run(p, y, w, method, order, exit_at, index, cost)
+                acc, cst, _ = run(dists[s], y, order, exit_at, index, cost)
                 if full[s] - acc <= args.target + 1e-12 and cst < best[0]:
                     best = (cst, order, exit_at)
         stages = " > ".join("+".join(x) for x in best[1])

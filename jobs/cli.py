@@ -464,7 +464,6 @@ def _train(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
     from pipelines.fitting import (
-        check_fit_method,
         check_labelled_input,
         collect_member_outputs,
         fit_ensemble,
@@ -475,7 +474,6 @@ def _fit(args: argparse.Namespace) -> int:
 
     if not 0 <= args.max_loss < 1:
         raise ConfigError(f"--max-loss: {args.max_loss} is not a share in [0, 1); e.g. 0.002")
-    check_fit_method(args.combine, args.cascade)
     cfg = load_config(args.config)
     plan = plan_ensemble(cfg)
     inputs = check_labelled_input(plan, args.input, args.label_column, "fit")
@@ -483,10 +481,10 @@ def _fit(args: argparse.Namespace) -> int:
         data = collect_member_outputs(
             plan, inputs, args.label_column, cpu_fallback=_local(args.address)
         )
-        result = fit_ensemble(plan, data, args.combine, cascade=args.cascade)
+        result = fit_ensemble(plan, data, args.combine)
         cascade, table = None, None
         if args.cascade:
-            cascade, table = _fit_cascade(args, plan, inputs, data, result)
+            cascade, table, result = _fit_cascade(args, plan, inputs, data, result)
     out = write_fitted_config(
         args.config, args.output, cfg, result, revisions=plan.revisions, cascade=cascade
     )
@@ -501,9 +499,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _fit_cascade(
     args: argparse.Namespace, plan: Any, inputs: Any, data: Any, result: Any
-) -> tuple[dict, str]:
-    """The cascade block for the fitted ensemble (empty when none keeps the bounds) and
-    the candidates table."""
+) -> tuple[dict, str, Any]:
+    """The cascade block for the fitted ensemble (empty when none keeps the bounds), the
+    candidates table, and the fit with a meta-model per stage prefix for stacking."""
     from pipelines.cascade_fitting import fit_cascade_block
     from pipelines.io import read_column
 

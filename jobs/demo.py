@@ -505,7 +505,6 @@ def run_demo(
     from pipelines.config import load_config
     from pipelines.evaluation import evaluate, render_cascade_metrics, render_report
     from pipelines.fitting import (
-        fit_ensemble,
         write_fitted_config,
     )
     from pipelines.plan import plan_ensemble
@@ -587,12 +586,11 @@ def run_demo(
             fitted_plan, data / "off_domain.jsonl", "label", work / "report" / "off-domain"
         )
         step("fit --cascade: the members timed here, then every stage order and threshold")
-        # A cascade needs a combination that works on some of the members: no stacking.
-        cascade_result = fit_ensemble(plan, outputs, cascade=True)
         with open(data / "validation.jsonl") as f:
             val_texts = [json.loads(line)["text"] for line in f]
-        block, table = fit_cascade_block(
-            plan, val_texts, outputs, cascade_result, max_loss=CASCADE_MAX_LOSS
+        # The cascade of the fitted ensemble: with stacking, a meta-model per stage prefix.
+        block, table, cascade_result = fit_cascade_block(
+            plan, val_texts, outputs, result, max_loss=CASCADE_MAX_LOSS
         )
         print("\n" + table)
         cascade_config = write_fitted_config(

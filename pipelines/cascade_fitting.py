@@ -28,14 +28,15 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from actors.reducer import combine
+from actors.reducer import MetaModels, combine, ensemble_distribution, only, stack
 from actors.tasks.classification import nll
 
 __all__ = [
@@ -46,7 +47,9 @@ __all__ = [
     "fit_cascade",
     "fit_cascade_block",
     "measure_member_costs",
+    "held_out_stacking",
     "ordered_splits",
+    "prefix_meta_models",
     "render_cascade",
     "stage_prefixes",
 ]
@@ -101,14 +104,68 @@ def ordered_splits(names: Sequence[str]) -> list[tuple[tuple[str, ...], ...]]:
 
 
 def stage_prefixes(
-    probs: np.ndarray, weights: np.ndarray, method: str, stages: Sequence[Sequence[int]]
+    probs: np.ndarray,
+    weights: np.ndarray,
+    method: str,
+    stages: Sequence[Sequence[int]],
+    stacking: MetaModels | None = None,
 ) -> list[np.ndarray]:
-    """The ensemble so far after each stage, ``(n, L)`` each."""
+    """The ensemble so far after each stage, ``(n, L)`` each; with ``stacking``, each
+    prefix's own meta-model."""
     out = []
     for i in range(len(stages)):
         idx = [m for stage in stages[: i + 1] for m in stage]
-        out.append(combine(probs[idx], weights[idx], method, multi_label=False))
+        out.append(
+            ensemble_distribution(
+                only(probs, idx), weights, method, multi_label=False, stacking=stacking
+            )
+        )
     return out
+
+
+def held_out_stacking(
+    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], seed: int = 0
+) -> Callable[[Sequence[int]], np.ndarray]:
+    """For stacking: the distribution ``(n, L)`` of a meta-model over some of the members
+    (indices), each row's from the meta-model fitted on the other CV folds, so the
+    thresholds are not chosen on rows the meta-models were fitted on. Cached per set."""
+    from pipelines.fitting import cv_folds, fit_stacking
+
+    folds = cv_folds(y, seed)
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def dist(members: Sequence[int]) -> np.ndarray:
+        key = tuple(sorted(members))
+        if key not in cache:
+            sub = probs[list(key)]
+            out = np.empty(sub.shape[1:])
+            names = [str(i) for i in key]
+            for tr, te in folds:
+                meta = fit_stacking(sub[:, tr], y[tr], list(labels), names)
+                out[te] = stack(sub[:, te], meta.coef, meta.intercept)
+            cache[key] = out
+        return cache[key]
+
+    return dist
+
+
+def prefix_meta_models(
+    stages: Sequence[Sequence[str]],
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: Sequence[str],
+    names: Sequence[str],
+) -> tuple[Any, ...]:
+    """The stacking meta-models of a cascade's stage prefixes but the last (that one is
+    the ensemble's own), each fitted on every row, members in the config's order."""
+    from pipelines.fitting import fit_stacking
+
+    out = []
+    for i in range(1, len(stages)):
+        run = {m for stage in stages[:i] for m in stage}
+        idx = [j for j, n in enumerate(names) if n in run]
+        out.append(fit_stacking(probs[idx], y, list(labels), [names[j] for j in idx]))
+    return tuple(out)
 
 
 def _stop_stage(prefix: list[np.ndarray], exit_at: Sequence[float]) -> np.ndarray:
@@ -198,11 +255,14 @@ def fit_cascade(
     *,
     max_loss: float = 0.002,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> CascadeFit:
     """The cheapest cascade within ``max_loss`` accuracy of the full ensemble and no
     worse NLL than the best member, on every fold (see the module's docstring).
 
-    ``member_probs``: calibrated ``(M, n, L)``; ``member_cost``: forward seconds per row."""
+    ``member_probs``: calibrated ``(M, n, L)``; ``member_cost``: forward seconds per row.
+    With ``method="stacking"`` (``labels`` given) every ensemble so far is a meta-model of
+    its own, judged on the rows of CV folds it was not fitted on."""
     probs = np.asarray(member_probs, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     cost = np.asarray(member_cost, dtype=np.float64)
@@ -213,11 +273,22 @@ def fit_cascade(
             f"this ensemble has {len(names)}: write the cascade block by hand"
         )
     index = {n: i for i, n in enumerate(names)}
-    full_prefix = combine(probs, w, method, multi_label=False)
+    if method == "stacking":
+        if labels is None:
+            raise ValueError("fit_cascade: stacking needs the labels")
+        subset = held_out_stacking(probs, y, labels, seed)
+        full_prefix = subset(range(len(names)))
+    else:
+        full_prefix = combine(probs, w, method, multi_label=False)
     table = []
     for order in ordered_splits(names):
         stages = [[index[n] for n in stage] for stage in order]
-        prefix = stage_prefixes(probs, w, method, stages)
+        if method == "stacking":
+            prefix = [
+                subset([m for stage in stages[: i + 1] for m in stage]) for i in range(len(stages))
+            ]
+        else:
+            prefix = stage_prefixes(probs, w, method, stages)
         stage_cost = np.array([cost[s].sum() for s in stages])
         for exit_at in _grids(len(stages)):
             table.append((order, exit_at, prefix, stage_cost))
@@ -351,22 +422,26 @@ def fit_cascade_block(
     *,
     max_loss: float,
     cpu_fallback: bool = True,
-) -> tuple[dict, str]:
+) -> tuple[dict, str, Any]:
     """`fit --cascade` after `fit`: the members timed on ``texts``, then the cascade
     fitted on ``data`` (:class:`pipelines.fitting.LabelledOutputs`) with ``result``'s
     temperatures, weights and combination. Returns the config's ``cascade`` block (empty
-    when no candidate keeps the bounds) and the candidates table. Ray must be running."""
+    when no candidate keeps the bounds), the candidates table, and ``result`` with, for
+    stacking, a meta-model per stage prefix. Ray must be running."""
     from pipelines.fitting import calibrated
 
     costs = measure_member_costs(plan, texts, cpu_fallback=cpu_fallback)
+    probs = calibrated(data.logits, result.temperatures)
+    labels = list(plan.config.labels)
     fit = fit_cascade(
-        calibrated(data.logits, result.temperatures),
+        probs,
         data.y,
         result.weights,
         result.combine,
         [costs[n] for n in data.names],
         data.names,
         max_loss=max_loss,
+        labels=labels,
     )
     block: dict = {}
     if fit.chosen is not None:
@@ -374,7 +449,11 @@ def fit_cascade_block(
             "stages": [list(stage) for stage in fit.chosen.stages],
             "exit_at": [float(t) for t in fit.chosen.exit_at],
         }
-    return block, render_cascade(fit, costs)
+        if result.stacking is not None:
+            prefixes = prefix_meta_models(fit.chosen.stages, probs, data.y, labels, data.names)
+            stacking = dataclasses.replace(result.stacking, prefixes=prefixes)
+            result = dataclasses.replace(result, stacking=stacking)
+    return block, render_cascade(fit, costs), result
 
 
 def render_cascade(fit: CascadeFit, member_cost: dict[str, float]) -> str:

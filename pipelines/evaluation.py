@@ -320,7 +320,8 @@ def _cost_accuracy(
     weights = np.array([m.weight for m in cfg.members], dtype=np.float64)
     stages = [[names.index(m) for m in stage] for stage in cfg.cascade.stages]
     cost = np.array([(seconds or {}).get(n, np.nan) / max(rows, 1) for n in names])
-    prefix = stage_prefixes(probs, weights, cfg.reducer.combine, stages)
+    stacking = plan.stacking.by_members(names) if plan.stacking is not None else None
+    prefix = stage_prefixes(probs, weights, cfg.reducer.combine, stages, stacking)
     stage_cost = np.array([cost[s].sum() for s in stages])
     points = []
     for k in range(1, len(stages) + 1):

@@ -50,7 +50,6 @@ __all__ = [
     "FitResult",
     "LabelledOutputs",
     "calibrated",
-    "check_fit_method",
     "check_labelled_input",
     "choose_combination",
     "collect_member_outputs",
@@ -459,29 +458,14 @@ def choose_combination(
     return candidates, chosen.combine, weights, model
 
 
-def check_fit_method(method: str, cascade: bool) -> None:
-    """Refuse a combination `fit --cascade` cannot use (ConfigError)."""
-    if cascade and method == "stacking":
-        raise ConfigError(
-            "--combine stacking with --cascade: the stacking meta-model reads every member, "
-            "so a row cannot stop early; use --combine auto, weighted_mean or geometric_mean"
-        )
-
-
-def fit_ensemble(
-    plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO, *, cascade: bool = False
-) -> FitResult:
+def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) -> FitResult:
     """Temperatures, then the combination: ``method``, or with ``auto`` the candidate
     (mean, weighted_mean, geometric_mean, stacking) with the best cross-validated NLL.
-    Weights are shrunk toward equal weights by the share CV picks.
-
-    ``cascade``: a cascade will be fitted on the result, so stacking, which reads every
-    member, is left out."""
+    Weights are shrunk toward equal weights by the share CV picks."""
     cfg = plan.config
     offered = tuple(c for c in FIT_CANDIDATES if c in plan.task.combine_methods)
     if method not in (AUTO, *offered):
         raise ConfigError(f"--combine: {method!r} is not one of {[AUTO, *offered]}")
-    check_fit_method(method, cascade)
     if len(data.y) < 2:
         raise InputError("fit needs at least 2 labelled rows that can be scored")
     y = data.y
@@ -498,7 +482,6 @@ def fit_ensemble(
         data.names,
         method,
         offered,
-        ("stacking",) if cascade else (),
         groups=data.groups,
     )
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)

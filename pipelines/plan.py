@@ -190,6 +190,15 @@ def plan_ensemble(cfg: EnsembleConfig) -> EnsemblePlan:
     stacking = None
     if cfg.reducer.combine == "stacking":
         stacking = StackingModel.load(cfg.reducer.stacking, cfg)
+        if cfg.cascade is not None:
+            missing = stacking.missing_prefixes(cfg.cascade.stages, [m.name for m in cfg.members])
+            if missing:
+                raise ConfigError(
+                    f"reducer.stacking: {cfg.reducer.stacking} has no meta-model for the "
+                    f"cascade's ensemble so far over {missing}; run `ray-ensemble fit CONFIG "
+                    "--combine stacking --cascade` to fit one per stage, or remove the "
+                    "cascade block"
+                )
     return EnsemblePlan(cfg, tuple(specs), stacking=stacking, **settings)
 
 

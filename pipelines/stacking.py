@@ -3,13 +3,19 @@
 It holds a multinomial logistic regression over the members' log-probabilities
 (see :func:`actors.reducer.stack`), with the labels and members it was fitted for, so a
 file that does not match the config is refused instead of silently misread.
+
+A cascade's ensemble so far after each stage but the last is a meta-model of its own,
+over the members run so far: `fit --cascade` stores them under ``prefixes`` (the last
+prefix, every member, is the top-level model).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +30,12 @@ class StackingModel:
     members: tuple[str, ...]
     coef: np.ndarray  # (L, M·L)
     intercept: np.ndarray  # (L,)
+    # Meta-models over some of the members (a cascade's stage prefixes), each with its
+    # ``members`` in the config's order; ``labels`` as above.
+    prefixes: tuple[StackingModel, ...] = ()
 
     def save(self, path: str | Path) -> None:
-        doc = {
+        doc: dict[str, Any] = {
             "format": FORMAT,
             "labels": list(self.labels),
             "members": list(self.members),
@@ -34,7 +43,42 @@ class StackingModel:
             "coef": self.coef.tolist(),
             "intercept": self.intercept.tolist(),
         }
+        if self.prefixes:
+            doc["prefixes"] = [
+                {
+                    "members": list(p.members),
+                    "coef": p.coef.tolist(),
+                    "intercept": p.intercept.tolist(),
+                }
+                for p in self.prefixes
+            ]
         Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+    def by_members(
+        self, names: Sequence[str]
+    ) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
+        """Every meta-model keyed by the indices in ``names`` (the config's members) of
+        the members it reads, in order: the form :func:`actors.reducer.stack_present`
+        takes."""
+        index = {n: i for i, n in enumerate(names)}
+        return {
+            tuple(index[m] for m in model.members): (model.coef, model.intercept)
+            for model in (self, *self.prefixes)
+        }
+
+    def missing_prefixes(
+        self, stages: Sequence[Sequence[str]], names: Sequence[str]
+    ) -> list[list[str]]:
+        """The stage prefixes of a cascade (all but the last) this file has no
+        meta-model for, each in the config's order."""
+        have = self.by_members(names)
+        out = []
+        for i in range(1, len(stages)):
+            run = {m for stage in stages[:i] for m in stage}
+            key = tuple(j for j, n in enumerate(names) if n in run)
+            if key not in have:
+                out.append([names[j] for j in key])
+        return out
 
     @classmethod
     def load(cls, path: str | Path, cfg: EnsembleConfig) -> StackingModel:
@@ -59,19 +103,37 @@ class StackingModel:
                 f"{where}: fitted for members {list(members)}, the config has "
                 f"{list(want_members)}; run `ray-ensemble fit` again"
             )
-        try:
-            coef = np.asarray(doc["coef"], dtype=np.float64)
-            intercept = np.asarray(doc["intercept"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"{where}: coef and intercept must be arrays of numbers") from None
-        num_labels = len(labels)
-        if coef.shape != (num_labels, num_labels * len(members)) or intercept.shape != (
-            num_labels,
-        ):
-            raise ConfigError(
-                f"{where}: coef {coef.shape} / intercept {intercept.shape} do not fit "
-                f"{num_labels} labels and {len(members)} members"
+        prefixes = doc.get("prefixes") or []
+        if not isinstance(prefixes, list) or not all(isinstance(p, dict) for p in prefixes):
+            raise ConfigError(f"{where}: prefixes must be a list of objects")
+        parsed = []
+        for k, entry in enumerate(prefixes):
+            sub = tuple(entry.get("members") or ())
+            in_order = tuple(m for m in want_members if m in sub)
+            if not sub or sub != in_order or len(sub) >= len(want_members):
+                raise ConfigError(
+                    f"{where}: prefixes[{k}].members {list(sub)} must be some of the members "
+                    f"{list(want_members)}, in that order; run `ray-ensemble fit` again"
+                )
+            parsed.append(
+                cls(labels, sub, *_weights(entry, len(labels), len(sub), f"{where}: prefixes[{k}]"))
             )
-        if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
-            raise ConfigError(f"{where}: coef and intercept must be finite")
-        return cls(labels, members, coef, intercept)
+        return cls(labels, members, *_weights(doc, len(labels), len(members), where), tuple(parsed))
+
+
+def _weights(
+    doc: dict, num_labels: int, num_members: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        coef = np.asarray(doc["coef"], dtype=np.float64)
+        intercept = np.asarray(doc["intercept"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where}: coef and intercept must be arrays of numbers") from None
+    if coef.shape != (num_labels, num_labels * num_members) or intercept.shape != (num_labels,):
+        raise ConfigError(
+            f"{where}: coef {coef.shape} / intercept {intercept.shape} do not fit "
+            f"{num_labels} labels and {num_members} members"
+        )
+    if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+        raise ConfigError(f"{where}: coef and intercept must be finite")
+    return coef, intercept

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.host import EnsembleHost, reduce_batch
-from actors.reducer import cascade_stages
+from actors.reducer import cascade_stages, stack
 from jobs.example import make_texts
 from pipelines.config import ConfigError, config_from_dict
 from pipelines.plan import plan_ensemble, plan_hosts
@@ -94,11 +95,6 @@ def test_exit_rule_matches_numpy(pool, stages, exit_at):
             {"task": "embedding", "labels": None},
             "cascade: embedding ensembles need every member",
         ),
-        (
-            {"stages": [["a"], ["b", "c"]], "exit_at": [0.9]},
-            {"reducer": {"combine": "stacking", "stacking": "m.json"}},
-            "stacking meta-model",
-        ),
     ],
 )
 def test_cascade_block_is_checked(tmp_path, cascade, extra, needle):
@@ -106,6 +102,36 @@ def test_cascade_block_is_checked(tmp_path, cascade, extra, needle):
     data = {"name": "x", "labels": LABELS, "members": members, "cascade": cascade, **extra}
     with pytest.raises(ConfigError, match=needle):
         config_from_dict(data, base_dir=tmp_path)
+
+
+def test_stacking_cascade_needs_a_meta_model_per_prefix(models, tmp_path):
+    """A stacking file fitted without a cascade has no ensemble so far: refused at plan
+    time, naming the prefixes and the command that fits them; a quorum still refuses
+    stacking outright."""
+    from pipelines.stacking import StackingModel
+
+    meta = StackingModel(tuple(LABELS), tuple(NAMES), np.ones((2, 6)), np.zeros(2))
+    meta.save(tmp_path / "m.json")
+    base = {
+        "name": "s",
+        "labels": LABELS,
+        "members": members_for(models),
+        "reducer": {"combine": "stacking", "stacking": "m.json"},
+    }
+    cascade = {"stages": [["beta"], ["alpha"], ["gamma"]], "exit_at": [0.9, 0.9]}
+    cfg = config_from_dict({**base, "cascade": cascade}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"\['beta'\], \['alpha', 'beta'\]\].*--cascade"):
+        plan_ensemble(cfg)
+    prefixes = (
+        StackingModel(tuple(LABELS), ("beta",), np.eye(2), np.zeros(2)),
+        StackingModel(tuple(LABELS), ("alpha", "beta"), np.ones((2, 4)), np.zeros(2)),
+    )
+    StackingModel(
+        *[getattr(meta, f) for f in ("labels", "members", "coef", "intercept")], prefixes
+    ).save(tmp_path / "m.json")
+    assert len(plan_ensemble(cfg).stacking.prefixes) == 2
+    with pytest.raises(ConfigError, match="stacking meta-model reads every member"):
+        config_from_dict({**base, "serve": {"min_members": 2}}, base_dir=tmp_path)
 
 
 def test_multi_label_refuses_a_cascade_at_plan_time(tmp_path):
@@ -252,6 +278,67 @@ def test_several_hosts_pass_the_open_rows_on(setup):
     assert second.members[0].real_tokens == sum(len(t) for t in tokens)
 
 
+def _numpy_stack(probs, doc, members, r):
+    """One row's distribution from a stacking file's entry, by its formula: softmax of
+    ``coef @ [log p_member]`` (members in order, log-probabilities floored at 1e-7)."""
+    feats = np.concatenate([np.log(np.clip(probs[NAMES.index(m), r], 1e-7, 1)) for m in members])
+    z = np.array(doc["coef"]) @ feats + np.array(doc["intercept"])
+    return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+
+def test_stacking_cascade_uses_each_prefix_meta_model(setup):
+    """With stacking, the ensemble so far after each stage is its prefix's own
+    meta-model: rows stop on its top probability and are answered by it, across two
+    hosts, against the stacking formula computed row by row."""
+    tmp = setup["tmp"]
+    probs = setup["probs"]
+    rng = np.random.default_rng(5)
+    doc = {
+        "format": "ray-ensemble-stacking/1",
+        "labels": LABELS,
+        "members": NAMES,
+        "coef": rng.normal(0, 1, (2, 6)).tolist(),
+        "intercept": [0.1, -0.1],
+        "prefixes": [
+            {"members": ["alpha"], "coef": [[1.2, -0.3], [-0.4, 0.9]], "intercept": [0, 0.2]},
+            {
+                "members": ["alpha", "beta"],
+                "coef": rng.normal(0, 1, (2, 4)).tolist(),
+                "intercept": [0.0, 0.0],
+            },
+        ],
+    }
+    (tmp / "cs.stacking.json").write_text(json.dumps(doc))
+    entries = [doc["prefixes"][0], doc["prefixes"][1], doc]
+    n = probs.shape[1]
+    by_prefix = [
+        np.array([_numpy_stack(probs, e, e["members"], r) for r in range(n)]) for e in entries
+    ]
+    first = float(np.quantile(by_prefix[0].max(-1), 0.6))
+    open_ = by_prefix[0].max(-1) < first
+    second = float(np.quantile(by_prefix[1][open_].max(-1), 0.5))
+    stage = np.where(
+        by_prefix[0].max(-1) >= first, 1, np.where(by_prefix[1].max(-1) >= second, 2, 3)
+    )
+    assert set(stage) == {1, 2, 3}
+    cfg = {
+        **setup["base"],
+        "reducer": {"combine": "stacking", "stacking": "cs.stacking.json"},
+        "cascade": {"stages": [["alpha"], ["beta"], ["gamma"]], "exit_at": [first, second]},
+    }
+    plan = plan_ensemble(config_from_dict(cfg, base_dir=tmp))
+    first_host = EnsembleHost(plan=plan, members=["alpha", "beta"], reduce=False)
+    second_host = EnsembleHost(plan=plan, members=["gamma"], reduce=False)
+    rows = reduce_batch(second_host(first_host(_table(TEXTS))), plan=plan).to_pylist()
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(n)]
+    for r, row in enumerate(rows):
+        k = int(stage[r])
+        assert row["cascade_stage"] == k, (r, row)
+        np.testing.assert_allclose(row["probs"], by_prefix[k - 1][r], atol=1e-5)
+        assert row["label"] == LABELS[int(np.argmax(by_prefix[k - 1][r]))]
+        assert [row[f"probs__{m}"] is None for m in NAMES] == [i >= k for i in range(3)]
+
+
 # --- offline on Ray Data, and online --------------------------------------------------------------
 
 
@@ -366,6 +453,66 @@ def test_fitted_thresholds_respect_max_loss_on_held_out_folds():
     assert full_acc - fit.chosen.accuracy <= max_loss
 
 
+def test_stacking_cascade_fit_judges_each_prefix_on_held_out_rows():
+    """With stacking, every ensemble so far the fit weighs is a meta-model scored on the
+    CV folds it was not fitted on (scikit-learn's cross_val_predict on the same folds,
+    independently), the held-out losses keep --max-loss, and the meta-models stored
+    for the chosen stages are fitted on every row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from actors.reducer import stacking_features
+    from pipelines.cascade_fitting import fit_cascade, prefix_meta_models
+
+    rng = np.random.default_rng(4)
+    n = 1500
+    y = rng.integers(0, 2, n)
+
+    def member(strength, bias):
+        z = strength * (2 * y - 1) + bias + rng.normal(0, 2.0, n)
+        p = 1 / (1 + np.exp(-z))
+        return np.stack([1 - p, p], -1)
+
+    probs = np.stack([member(2.0, 0.8), member(2.2, -0.5), member(2.6, 0.0)])
+    cost = [0.001, 0.004, 0.02]
+    names = ["cheap", "mid", "costly"]
+    fit = fit_cascade(probs, y, np.ones(3), "stacking", cost, names, max_loss=0.01, labels=LABELS)
+    assert fit.chosen is not None and fit.chosen.cost < sum(cost)
+    losses = np.array([loss for loss, _, _ in fit.held_out])
+    assert losses.mean() <= 0.01, losses
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+
+    def oof(idx):
+        lr = LogisticRegression(C=1.0, max_iter=5000)
+        return cross_val_predict(
+            lr, stacking_features(probs[idx]), y, cv=folds, method="predict_proba"
+        )
+
+    full = oof([0, 1, 2])
+    assert fit.full.accuracy == pytest.approx(np.mean(full.argmax(-1) == y))
+    stages = [[names.index(m) for m in s] for s in fit.chosen.stages]
+    prefix = [oof(sorted(m for s in stages[:k] for m in s)) for k in range(1, len(stages) + 1)]
+    ran = np.full(n, len(stages))
+    for k in range(len(stages) - 1, 0, -1):
+        ran[prefix[k - 1].max(-1) >= fit.chosen.exit_at[k - 1]] = k
+    p = np.stack(prefix)[ran - 1, np.arange(n)]
+    assert fit.chosen.accuracy == pytest.approx(np.mean(p.argmax(-1) == y))
+    np.testing.assert_allclose(fit.chosen.shares, np.bincount(ran - 1, minlength=len(stages)) / n)
+
+    metas = prefix_meta_models(fit.chosen.stages, probs, y, LABELS, names)
+    assert len(metas) == len(stages) - 1
+    for k, meta in enumerate(metas, start=1):
+        idx = sorted(m for s in stages[:k] for m in s)
+        assert meta.members == tuple(names[i] for i in idx)
+        lr = LogisticRegression(C=1.0, max_iter=5000).fit(stacking_features(probs[idx]), y)
+        np.testing.assert_allclose(
+            stack(probs[idx], meta.coef, meta.intercept),
+            lr.predict_proba(stacking_features(probs[idx])),
+            atol=1e-6,
+        )
+
+
 class _Lines(logging.Handler):
     """The CLI's log lines (its loggers do not propagate to pytest's capture)."""
 
@@ -419,7 +566,25 @@ def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
     assert sorted(m for s in cfg.cascade.stages for m in s) == sorted(NAMES)
     assert len(cfg.cascade.exit_at) == len(cfg.cascade.stages) - 1
     assert cfg.reducer.combine != "stacking"
-    assert main([*args, "--output", str(out), "--cascade", "--combine", "stacking"]) == 2
+    # With stacking: a meta-model per stage prefix beside the config, and the cascade
+    # scores with them.
+    stacked = tmp / "stacked.yaml"
+    assert main([*args, "--output", str(stacked), "--cascade", "--combine", "stacking"]) == 0
+    plan = plan_ensemble(load_config(stacked))
+    assert plan.config.reducer.combine == "stacking" and plan.config.cascade is not None
+    doc = json.loads(Path(plan.config.reducer.stacking).read_text())
+    stages = plan.config.cascade.stages
+    assert [e["members"] for e in doc["prefixes"]] == [
+        [m for m in NAMES if any(m in s for s in stages[:k])] for k in range(1, len(stages))
+    ]
+    probs = np.array([[r[f"probs__{m}"] for r in rows] for m in NAMES], dtype=np.float64)
+    scored = EnsembleHost(plan=plan)(_table(texts)).to_pylist()
+    for r, row in enumerate(scored):
+        k = row["cascade_stage"]
+        entry = doc if k == len(stages) else doc["prefixes"][k - 1]
+        np.testing.assert_allclose(
+            row["probs"], _numpy_stack(probs, entry, entry["members"], r), atol=1e-5
+        )
 
 
 def _labelled_set(setup, name: str, n: int, seed: int) -> tuple:

@@ -164,8 +164,10 @@ class ClassificationTask(Task):
             )
 
     def check_partial(self, cfg: Any, why: str) -> None:
-        # The other combinations renormalise the weights over the members present.
-        if cfg.reducer.combine == "stacking":
+        # The other combinations renormalise the weights over the members present; a
+        # cascade's stage prefixes have meta-models of their own (checked in the plan,
+        # which reads the file), but a quorum can miss any member.
+        if cfg.reducer.combine == "stacking" and why != "cascade":
             raise ValueError(
                 f"{why}: the stacking meta-model reads every member's output; use "
                 "weighted_mean or geometric_mean, or remove the setting"
@@ -237,7 +239,7 @@ class ClassificationTask(Task):
             method=cfg.reducer.combine,
             multi_label=plan.multi_label,
             valid=valid,
-            stacking=(plan.stacking.coef, plan.stacking.intercept) if plan.stacking else None,
+            stacking=_meta_models(plan),
             ran=_ran(absent, cfg, len(valid)),
         )
         for i, err in enumerate(red.error):
@@ -263,21 +265,32 @@ class ClassificationTask(Task):
     def exit_scores(
         self, outputs: Mapping[str, np.ndarray], plan: EnsemblePlan, members: Sequence[str]
     ) -> np.ndarray:
-        by_name = {m.name: m for m in plan.config.members}
+        cfg = plan.config
+        n = len(outputs[members[0]])
+        # Members not run read NaN: the combination renormalises over the others, and
+        # stacking takes the meta-model of the members run.
         probs = np.stack(
             [
-                normalise(outputs[m], temperature=by_name[m].temperature, multi_label=False)
-                for m in members
+                normalise(outputs[m.name], temperature=m.temperature, multi_label=False)
+                if m.name in members
+                else np.full((n, len(cfg.labels)), np.nan)
+                for m in cfg.members
             ]
         )
-        weights = np.array([by_name[m].weight for m in members], dtype=np.float64)
-        return prefix_top(probs, weights, plan.config.reducer.combine)
+        weights = np.array([m.weight for m in cfg.members], dtype=np.float64)
+        return prefix_top(probs, weights, cfg.reducer.combine, _meta_models(plan))
 
     def json_error(self, error: str | None) -> dict:
         return {"label": None, "score": None, "probs": None, "error": error}
 
     def metrics(self, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return metrics(probs, y)
+
+
+def _meta_models(plan: EnsemblePlan) -> dict | None:
+    if plan.stacking is None:
+        return None
+    return plan.stacking.by_members([m.name for m in plan.config.members])
 
 
 def _ran(absent: Mapping[str, np.ndarray], cfg: Any, n: int) -> np.ndarray | None:
