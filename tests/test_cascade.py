@@ -554,7 +554,10 @@ def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
     lines = _Lines()
     logging.getLogger("ray_ensemble").addHandler(lines)
     try:
-        code = main([*args, "--output", str(out), "--cascade", "--max-loss", "0.02"])
+        code = main(
+            [*args, "--output", str(out), "--cascade", "--max-loss", "0.02"]
+            + ["--combine", "weighted_mean"]
+        )
     finally:
         logging.getLogger("ray_ensemble").removeHandler(lines)
     assert code == 0
@@ -565,11 +568,12 @@ def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
     assert cfg.cascade is not None, text
     assert sorted(m for s in cfg.cascade.stages for m in s) == sorted(NAMES)
     assert len(cfg.cascade.exit_at) == len(cfg.cascade.stages) - 1
-    assert cfg.reducer.combine != "stacking"
+    assert cfg.reducer.combine == "weighted_mean"
     # With stacking: a meta-model per stage prefix beside the config, and the cascade
     # scores with them.
     stacked = tmp / "stacked.yaml"
-    assert main([*args, "--output", str(stacked), "--cascade", "--combine", "stacking"]) == 0
+    more = ["--cascade", "--max-loss", "0.02", "--combine", "stacking"]
+    assert main([*args, "--output", str(stacked), *more]) == 0
     plan = plan_ensemble(load_config(stacked))
     assert plan.config.reducer.combine == "stacking" and plan.config.cascade is not None
     doc = json.loads(Path(plan.config.reducer.stacking).read_text())
@@ -577,8 +581,13 @@ def test_fit_cascade_cli_writes_a_cascade_that_scores(ray_cluster, setup):
     assert [e["members"] for e in doc["prefixes"]] == [
         [m for m in NAMES if any(m in s for s in stages[:k])] for k in range(1, len(stages))
     ]
-    probs = np.array([[r[f"probs__{m}"] for r in rows] for m in NAMES], dtype=np.float64)
     scored = EnsembleHost(plan=plan)(_table(texts)).to_pylist()
+    # The members' calibrated distributions (the fitted temperatures), NaN where not run.
+    probs = np.array(
+        [[r[f"probs__{m}"] or [np.nan, np.nan] for r in scored] for m in NAMES], dtype=np.float64
+    )
+    # Some rows are answered by a prefix's meta-model, the others by the full one.
+    assert min(r["cascade_stage"] for r in scored) < len(stages)
     for r, row in enumerate(scored):
         k = row["cascade_stage"]
         entry = doc if k == len(stages) else doc["prefixes"][k - 1]
