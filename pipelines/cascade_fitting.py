@@ -49,7 +49,6 @@ __all__ = [
     "measure_member_costs",
     "held_out_stacking",
     "ordered_splits",
-    "prefix_meta_models",
     "render_cascade",
     "stage_prefixes",
 ]
@@ -147,25 +146,6 @@ def held_out_stacking(
         return cache[key]
 
     return dist
-
-
-def prefix_meta_models(
-    stages: Sequence[Sequence[str]],
-    probs: np.ndarray,
-    y: np.ndarray,
-    labels: Sequence[str],
-    names: Sequence[str],
-) -> tuple[Any, ...]:
-    """The stacking meta-models of a cascade's stage prefixes but the last (that one is
-    the ensemble's own), each fitted on every row, members in the config's order."""
-    from pipelines.fitting import fit_stacking
-
-    out = []
-    for i in range(1, len(stages)):
-        run = {m for stage in stages[:i] for m in stage}
-        idx = [j for j, n in enumerate(names) if n in run]
-        out.append(fit_stacking(probs[idx], y, list(labels), [names[j] for j in idx]))
-    return tuple(out)
 
 
 def _stop_stage(prefix: list[np.ndarray], exit_at: Sequence[float]) -> np.ndarray:
@@ -428,7 +408,7 @@ def fit_cascade_block(
     temperatures, weights and combination. Returns the config's ``cascade`` block (empty
     when no candidate keeps the bounds), the candidates table, and ``result`` with, for
     stacking, a meta-model per stage prefix. Ray must be running."""
-    from pipelines.fitting import calibrated
+    from pipelines.fitting import calibrated, prefix_meta_models
 
     costs = measure_member_costs(plan, texts, cpu_fallback=cpu_fallback)
     probs = calibrated(data.logits, result.temperatures)

@@ -12,8 +12,9 @@ Member outputs come from the offline pipeline (the same read, tokenise and forwa
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "fit_ensemble",
     "fit_temperature",
     "fit_weights",
+    "prefix_meta_models",
     "nll",
     "render_fit",
     "write_fitted_config",
@@ -260,6 +262,23 @@ def fit_stacking(
         coef = np.vstack([-coef[0] / 2, coef[0] / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
     return StackingModel(tuple(labels), tuple(members), coef, intercept)
+
+
+def prefix_meta_models(
+    stages: Sequence[Sequence[str]],
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: Sequence[str],
+    names: Sequence[str],
+) -> tuple[StackingModel, ...]:
+    """The stacking meta-models of a cascade's stage prefixes but the last (that one is
+    the ensemble's own), each fitted on every row, members in the config's order."""
+    out = []
+    for i in range(1, len(stages)):
+        run = {m for stage in stages[:i] for m in stage}
+        idx = [j for j, n in enumerate(names) if n in run]
+        out.append(fit_stacking(probs[idx], y, list(labels), [names[j] for j in idx]))
+    return tuple(out)
 
 
 CV_FOLDS = 5
@@ -484,6 +503,10 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
         offered,
         groups=data.groups,
     )
+    if model is not None and cfg.cascade is not None:
+        # The config's own cascade keeps working: a meta-model for each of its prefixes.
+        prefixes = prefix_meta_models(cfg.cascade.stages, after, y, list(cfg.labels), data.names)
+        model = dataclasses.replace(model, prefixes=prefixes)
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen, model, y)
     return FitResult(

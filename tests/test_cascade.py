@@ -462,7 +462,8 @@ def test_stacking_cascade_fit_judges_each_prefix_on_held_out_rows():
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     from actors.reducer import stacking_features
-    from pipelines.cascade_fitting import fit_cascade, prefix_meta_models
+    from pipelines.cascade_fitting import fit_cascade
+    from pipelines.fitting import prefix_meta_models
 
     rng = np.random.default_rng(4)
     n = 1500

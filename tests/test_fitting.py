@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from actors.reducer import combine, normalise, stack, stacking_features
-from pipelines.config import ConfigError, config_from_dict
+from pipelines.config import ConfigError, config_from_dict, load_config
 from pipelines.evaluation import brier, classification_metrics, ece
 from pipelines.fitting import (
     CV_FOLDS,
@@ -350,3 +351,48 @@ def test_cv_keeps_each_sentence_in_one_fold():
     assert (tested == 1).all()
     # Without groups, rows are split one by one (here stratified by label).
     assert any(set(groups[train]) & set(groups[test]) for train, test in cv_folds(y, 0))
+
+
+def test_fit_stacking_on_a_cascade_config_fits_its_stage_prefixes(models, tmp_path):
+    """`fit --combine stacking` without --cascade keeps the config's cascade working: a
+    meta-model for each of its stage prefixes, fitted on every row (scikit-learn on the
+    same features, independently), and the written config plans."""
+    from pipelines.fitting import LabelledOutputs, fit_ensemble, write_fitted_config
+    from pipelines.plan import plan_ensemble
+
+    data = {
+        "name": "f",
+        "labels": ["negative", "positive"],
+        "members": [{"name": n, "model": str(models["alpha"])} for n in ("a", "b", "c")],
+        "cascade": {"stages": [["c"], ["a"], ["b"]], "exit_at": [0.9, 0.8]},
+    }
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    rng = np.random.default_rng(12)
+    n = 400
+    y = rng.integers(0, 2, n)
+    logits = [
+        (np.eye(2)[np.where(rng.random(n) < acc, y, 1 - y)] - 0.5) * 3.0
+        + rng.normal(scale=0.3, size=(n, 2))
+        for acc in (0.8, 0.75, 0.7)
+    ]
+    result = fit_ensemble(
+        plan_ensemble(cfg), LabelledOutputs(["a", "b", "c"], logits, y, 0), "stacking"
+    )
+    assert [p.members for p in result.stacking.prefixes] == [("c",), ("a", "c")]
+    probs = np.stack(
+        [
+            normalise(z, temperature=t, multi_label=False)
+            for z, t in zip(logits, result.temperatures, strict=True)
+        ]
+    )
+    for meta, idx in zip(result.stacking.prefixes, ([2], [0, 2]), strict=True):
+        lr = LogisticRegression(C=1.0, max_iter=5000).fit(stacking_features(probs[idx]), y)
+        np.testing.assert_allclose(
+            stack(probs[idx], meta.coef, meta.intercept),
+            lr.predict_proba(stacking_features(probs[idx])),
+            atol=1e-6,
+        )
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump(data))
+    out = write_fitted_config(tmp_path / "in.yaml", tmp_path / "out.yaml", cfg, result)
+    plan = plan_ensemble(load_config(out))
+    assert plan.config.cascade is not None and len(plan.stacking.prefixes) == 2
