@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cascade",
         action="store_true",
         help="also choose a cascade (stage order and exit thresholds) that minimises the "
-        "members' forward seconds per row, measured here, and write its cascade block",
+        "members' forward seconds per row, measured here, and write its cascade block "
+        "(with stacking, a meta-model per stage prefix)",
     )
     fit.add_argument(
         "--max-loss",
