@@ -433,8 +433,7 @@ def demo_config(base_model: Path, bfloat16: bool) -> dict:
                 "name": "pieces",
                 "backend": "torch",
                 "module": "jobs.demo_members:BagOfPieces",
-                "model": "models/pieces",
-                "tokenizer": str(base_model),
+                "model": "models/pieces",  # its tokenizer is base_model's, saved beside it
                 "max_length": PIECES_MAX_LENGTH,
                 # Like the encoders': a host's window is 32 of its largest micro-batch, and
                 # 256 here would make mpnet score 8,192 rows between progress lines.
@@ -552,6 +551,11 @@ def run_demo(
             out=pieces,
         )
         step(f"train: pieces, a linear model over word pieces, on {len(rows)} rows (C={c:g} by CV)")
+    elif not (pieces / "tokenizer_config.json").is_file():
+        # A folder from an earlier demo, whose configs named the tokenizer's own path.
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(pieces))
     pooled = work / "models" / "mpnet"
     if not (pooled / "model.safetensors").is_file():
         n = min(FROZEN_HEAD_ROWS, len(texts))

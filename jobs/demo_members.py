@@ -242,6 +242,8 @@ def train_bag_of_pieces(
     (out / "config.json").write_text(
         json.dumps({"vocab_size": vocab, "num_labels": num_labels, "ignore_ids": ignore})
     )
+    # The member folder carries its tokenizer: configs then name no path outside it.
+    tokenizer.save_pretrained(str(out))
     return c
 
 

@@ -87,8 +87,7 @@ def test_bag_of_pieces_member_equals_a_logistic_regression_on_counted_pieces(tmp
         name="pieces",
         backend="torch",
         module="jobs.demo_members:BagOfPieces",
-        model=str(out),
-        tokenizer=str(base),
+        model=str(out),  # its tokenizer saved beside it
         max_length=64,
     )
     backend = make_backend(member, get_task("classification"), "cpu")
