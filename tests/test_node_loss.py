@@ -5,7 +5,8 @@ The cluster is two `ray start --block` processes with a temp dir and ports of th
 a head with no CPUs (so every host actor, read and write task runs on the worker node)
 and a worker node with two. `ray start` rather than ``ray.cluster_utils.Cluster``:
 measured here (2 cores), ``Cluster`` had both nodes up in 4.5 s against 9.5 s, and both
-see a killed node dead after the same 14 s of missed health checks; but `ray start` is
+see a killed node dead after the same 14 s of missed health checks (5 missed checks,
+one every 3 s; here one a second: see ``HEALTH_CHECK_PERIOD_MS``); but `ray start` is
 what users run, its nodes live outside the pytest process and its Ray, and a node is
 lost as a machine is: its whole process tree (raylet, agents, and the workers, each in a
 session of its own) is frozen, then killed at once.
@@ -53,6 +54,11 @@ JOB_TIMEOUT_S = 240
 ROWS = 12_000
 ROWS_PER_FILE = 500
 WORKER_CPUS = 2
+# The GCS declares a node dead after 5 health checks in a row fail (Ray's default), one
+# every 3 s by default: 1 s here, so the job waits ~5 s rather than ~15 s for the loss to
+# be seen. A check still waits Ray's default 10 s for an answer, so a busy raylet is not
+# taken for a dead one.
+HEALTH_CHECK_PERIOD_MS = 1000
 
 pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"no `ray` executable at {RAY}")
 
@@ -140,6 +146,7 @@ class TwoNodeCluster:
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
             RAY_USAGE_STATS_ENABLED="0",
+            RAY_health_check_period_ms=str(HEALTH_CHECK_PERIOD_MS),
             **self.client_env,
         )
         self.head: subprocess.Popen | None = None
