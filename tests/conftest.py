@@ -28,8 +28,18 @@ def _start_ray():
 
     if ray.is_initialized():
         return ray
-    # "local": never join a cluster another process started on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs.cli import IDLE_WORKER_KEEP_MS
+
+    # "local": never join a cluster another process started on this machine. Idle
+    # workers are kept as long as by the Ray `ray-ensemble` starts (see jobs/cli.py): the
+    # next job's read and write tasks reuse them, not new processes.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+    )
     _RAY_ENV.clear()
     _RAY_ENV.update(os.environ)
     ray.data.DataContext.get_current().enable_progress_bars = False
