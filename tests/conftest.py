@@ -94,11 +94,24 @@ def session_ray_processes() -> list:
     return psutil.Process().children(recursive=True)
 
 
-def free_cpus() -> float:
-    """The session Ray's CPUs that no task or actor holds now."""
+def _available_cpus() -> float:
     import ray
 
     return ray.available_resources().get("CPU", 0.0)
+
+
+def free_cpus(settle_s: float = 30) -> float:
+    """The session Ray's CPUs that no task or actor holds, once the actors of earlier
+    tests have let theirs go (all CPUs free, or ``settle_s`` passed)."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + settle_s
+    while _available_cpus() < total - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _available_cpus()
 
 
 def wait_for_free_cpus(cpus: float, timeout: float = 120) -> None:
@@ -109,8 +122,8 @@ def wait_for_free_cpus(cpus: float, timeout: float = 120) -> None:
     import time
 
     deadline = time.monotonic() + timeout
-    while free_cpus() < cpus - 1e-6:
-        assert time.monotonic() < deadline, f"{free_cpus()} CPUs free, waiting for {cpus}"
+    while _available_cpus() < cpus - 1e-6:
+        assert time.monotonic() < deadline, f"{_available_cpus()} CPUs free, waiting for {cpus}"
         time.sleep(0.1)
 
 
