@@ -1,12 +1,14 @@
 """Jobs that lose processes on purpose: every input row still comes out exactly once.
 
-Each test runs `ray-ensemble score` as a user does, with a local Ray of its own (the
-session's Ray is stopped meanwhile), and kills at a point it observes: the first part
-file committed in the staging folder, never after a sleep.
+Each test runs `ray-ensemble score` as a user does, as a driver that joins the
+session's Ray (`--address`, as on a cluster: a Ray of its own would cost 7 s a command),
+and kills at a point it observes: the first part file committed in the staging folder,
+never after a sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,13 +23,14 @@ import pyarrow.parquet as pq
 
 from jobs.example import make_texts
 from tests.conftest import FAULT_ROWS as ROWS
+from tests.conftest import free_cpus, session_ray_processes, wait_for_free_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 ROWS_PER_FILE = 500
 
 
-def score_cmd(work: Path, out: Path, *flags: str) -> list[str]:
+def score_cmd(work: Path, out: Path, address: str, *flags: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -38,8 +41,8 @@ def score_cmd(work: Path, out: Path, *flags: str) -> list[str]:
         str(work / "in.jsonl"),
         "--output",
         str(out),
-        "--num-cpus",
-        "2",
+        "--address",
+        address,
         "--rows-per-file",
         str(ROWS_PER_FILE),
         *flags,
@@ -77,16 +80,23 @@ def expected_ids() -> list[str]:
     return [f"r{i}" for i in range(ROWS)]
 
 
-def test_a_killed_host_actor_loses_no_row(no_ray, example, tmp_path):
+def ensemble_hosts() -> set[psutil.Process]:
+    """The session Ray's ensemble host processes (an idle worker may exit meanwhile)."""
+    hosts = set()
+    for p in session_ray_processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "EnsembleHost" in " ".join(p.cmdline()):
+                hosts.add(p)
+    return hosts
+
+
+def test_a_killed_host_actor_loses_no_row(ray_address, example, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
-    proc = start(score_cmd(example, out), log)
+    others = ensemble_hosts()  # of earlier tests, if any still ends
+    proc = start(score_cmd(example, out, ray_address), log)
     try:
         wait_for_first_part(proc, out, log)
-        hosts = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "EnsembleHost" in " ".join(p.cmdline())
-        ]
+        hosts = ensemble_hosts() - others
         assert hosts, "no ensemble host process found"
         for host in hosts:
             host.send_signal(signal.SIGKILL)
@@ -113,13 +123,16 @@ def kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, f"still running: {alive}"
 
 
-def test_a_killed_driver_is_resumed_exactly_once(no_ray, example, tmp_path):
+def test_a_killed_driver_is_resumed_exactly_once(ray_address, example, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
-    proc = start(score_cmd(example, out), log)
+    idle = free_cpus()
+    proc = start(score_cmd(example, out, ray_address), log)
     try:
         wait_for_first_part(proc, out, log)
     finally:
-        kill_tree(proc)
+        kill_tree(proc)  # the driver: it joined the session's Ray, and started none
+    # Ray ends the dead driver's job: its hosts, readers and writers.
+    wait_for_free_cpus(idle)
     assert not (out / "_SUCCESS").exists() and (out / "_staging").is_dir()
     assert not list(out.glob("*.parquet"))  # nothing is published before it is complete
     committed = len(list((out / "_staging").glob("part-*.parquet")))
@@ -127,7 +140,7 @@ def test_a_killed_driver_is_resumed_exactly_once(no_ray, example, tmp_path):
 
     # Without --resume the interrupted job is neither lost nor silently restarted.
     again = subprocess.run(
-        score_cmd(example, out),
+        score_cmd(example, out, ray_address),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -137,7 +150,7 @@ def test_a_killed_driver_is_resumed_exactly_once(no_ray, example, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
     resumed = subprocess.run(
-        score_cmd(example, out, "--resume"),
+        score_cmd(example, out, ray_address, "--resume"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -154,7 +167,7 @@ def test_a_killed_driver_is_resumed_exactly_once(no_ray, example, tmp_path):
     assert not (out / "_staging").exists()
 
 
-def test_overwrite_after_a_failing_run_keeps_the_old_output(no_ray, example, tmp_path):
+def test_overwrite_after_a_failing_run_keeps_the_old_output(ray_address, example, tmp_path):
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(40, seed=2)))
     out = tmp_path / "out"
@@ -171,8 +184,8 @@ def test_overwrite_after_a_failing_run_keeps_the_old_output(no_ray, example, tmp
             str(small),
             "--output",
             str(out),
-            "--num-cpus",
-            "2",
+            "--address",
+            ray_address,
             *flags,
         ]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -5,10 +5,11 @@ The cluster is two `ray start --block` processes with a temp dir and ports of th
 a head with no CPUs (so every host actor, read and write task runs on the worker node)
 and a worker node with two. `ray start` rather than ``ray.cluster_utils.Cluster``:
 measured here (2 cores), ``Cluster`` had both nodes up in 4.5 s against 9.5 s, and both
-see a killed node dead after the same 14 s of missed health checks; but `ray start` is
-what users run, its nodes live outside the pytest process and its Ray, and a node is
-lost as a machine is: its whole process tree (raylet, agents, and the workers, each in a
-session of its own) is frozen, then killed at once.
+see a killed node dead after the same 14 s of missed health checks (5 missed checks,
+one every 3 s; the test's cluster checks every second: see ``HEALTH_CHECK_PERIOD_MS``);
+but `ray start` is what users run, its nodes live outside the pytest process and its
+Ray, and a node is lost as a machine is: its whole process tree (raylet, agents, and the
+workers, each in a session of its own) is frozen, then killed at once.
 
 This process never joins the cluster (its Ray reads auth settings once, and the
 session's local Ray may run in it): every driver is a subprocess, the job being
@@ -53,6 +54,11 @@ JOB_TIMEOUT_S = 240
 ROWS = 12_000
 ROWS_PER_FILE = 500
 WORKER_CPUS = 2
+# The GCS declares a node dead after 5 health checks in a row fail (Ray's default), one
+# every 3 s by default: 1 s in the test's cluster, so the job waits ~5 s rather than ~15 s
+# for the loss to be seen. A check still waits Ray's default 10 s for an answer, so a busy
+# raylet is not taken for a dead one. (bench/node_loss.py keeps Ray's defaults.)
+HEALTH_CHECK_PERIOD_MS = 1000
 
 pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"no `ray` executable at {RAY}")
 
@@ -125,7 +131,9 @@ class TwoNodeCluster:
     dir, so that every process they start can be found and stopped. Never `ray stop`: it
     stops every Ray on the machine."""
 
-    def __init__(self, *, worker_cpus: int = WORKER_CPUS):
+    def __init__(self, *, worker_cpus: int = WORKER_CPUS, health_check_period_ms: int = 0):
+        """``health_check_period_ms``: how often the GCS checks each node (0: Ray's
+        default, 3 s)."""
         # Short: Ray's unix sockets live under it, and their paths are limited to ~107 bytes.
         self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
         self.worker_cpus = worker_cpus
@@ -142,6 +150,8 @@ class TwoNodeCluster:
             RAY_USAGE_STATS_ENABLED="0",
             **self.client_env,
         )
+        if health_check_period_ms:
+            self.env["RAY_health_check_period_ms"] = str(health_check_period_ms)
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.lost: list[subprocess.Popen] = []
@@ -282,7 +292,7 @@ def cluster():
     had_session_ray = ray.is_initialized()
     if had_session_ray:
         ray.shutdown()
-    c = TwoNodeCluster()
+    c = TwoNodeCluster(health_check_period_ms=HEALTH_CHECK_PERIOD_MS)
     try:
         c.start_head()
         c.add_worker()

@@ -1,7 +1,9 @@
 """Jobs whose data and models live on S3: a real S3 API server (moto's, on loopback)
 reached by pyarrow's own S3 client over HTTP, through AWS_ENDPOINT_URL as a user sets it.
 
-Each test runs `ray-ensemble score` as a user does, with a local Ray of its own."""
+Each test runs `ray-ensemble score` as a user does on a cluster, as a driver that joins
+the session's Ray (`--address`; a Ray of its own would cost 7 s a command), whose
+workers were started with that environment, as a cluster's nodes are."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pipelines.output import read_output
 from pipelines.storage import Location
 from tests.conftest import S3_BUCKET as BUCKET
 from tests.conftest import S3_MEMBERS as MEMBERS
+from tests.conftest import free_cpus, session_ray_with, wait_for_free_cpus
 from tests.conftest import s3_upload as upload
 from tests.oracle import canonical_probs
 from tests.test_faults import ROWS, ROWS_PER_FILE, expected_ids, kill_tree
@@ -45,7 +48,22 @@ def s3_config(work: Path, tmp_path: Path) -> Path:
     return path
 
 
-def score(config: Path, inp: str, out: str, env: dict, *flags: str, wait: bool = True, log=None):
+@pytest.fixture
+def ray_address(s3) -> str:
+    """The session's Ray, its workers started with the S3 environment (see ``s3``)."""
+    return session_ray_with(s3[1])
+
+
+def score(
+    config: Path,
+    inp: str,
+    out: str,
+    env: dict,
+    address: str,
+    *flags: str,
+    wait: bool = True,
+    log=None,
+):
     cmd = [
         sys.executable,
         "-m",
@@ -56,8 +74,8 @@ def score(config: Path, inp: str, out: str, env: dict, *flags: str, wait: bool =
         inp,
         "--output",
         out,
-        "--num-cpus",
-        "2",
+        "--address",
+        address,
         "--rows-per-file",
         str(ROWS_PER_FILE),
         *flags,
@@ -77,7 +95,7 @@ def score(config: Path, inp: str, out: str, env: dict, *flags: str, wait: bool =
     )
 
 
-def test_a_job_from_s3_to_s3_with_members_on_s3(no_ray, s3, on_s3, tmp_path):
+def test_a_job_from_s3_to_s3_with_members_on_s3(ray_address, s3, on_s3, tmp_path):
     fs, env = s3
     small = tmp_path / "small.jsonl"
     rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(make_texts(300, seed=5))]
@@ -85,7 +103,11 @@ def test_a_job_from_s3_to_s3_with_members_on_s3(no_ray, s3, on_s3, tmp_path):
     upload(fs, small, "small/part.jsonl")
 
     done = score(
-        s3_config(on_s3, tmp_path), f"s3://{BUCKET}/small/", f"s3://{BUCKET}/out-small", env
+        s3_config(on_s3, tmp_path),
+        f"s3://{BUCKET}/small/",
+        f"s3://{BUCKET}/out-small",
+        env,
+        ray_address,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     table = read_output(f"s3://{BUCKET}/out-small")
@@ -131,18 +153,20 @@ def wait_for_part(proc: subprocess.Popen, fs, prefix: str, log: Path) -> None:
     assert "_SUCCESS" not in keys(fs, prefix), "the job finished before the kill"
 
 
-def test_a_killed_driver_is_resumed_on_s3(no_ray, s3, on_s3, tmp_path):
+def test_a_killed_driver_is_resumed_on_s3(ray_address, s3, on_s3, tmp_path):
     fs, env = s3
     config, out = s3_config(on_s3, tmp_path), f"s3://{BUCKET}/out-resume"
     log = tmp_path / "log"
-    proc = score(config, f"s3://{BUCKET}/in/in.jsonl", out, env, wait=False, log=log)
+    idle = free_cpus()
+    proc = score(config, f"s3://{BUCKET}/in/in.jsonl", out, env, ray_address, wait=False, log=log)
     try:
         wait_for_part(proc, fs, "out-resume", log)
     finally:
-        kill_tree(proc)
+        kill_tree(proc)  # the driver
+    wait_for_free_cpus(idle)  # Ray has ended its job
     assert "_SUCCESS" not in keys(fs, "out-resume")
 
-    resumed = score(config, f"s3://{BUCKET}/in/in.jsonl", out, env, "--resume")
+    resumed = score(config, f"s3://{BUCKET}/in/in.jsonl", out, env, ray_address, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "were committed before" in resumed.stderr
     assert read_output(out).column("id").to_pylist() == expected_ids()
@@ -153,13 +177,13 @@ def test_a_killed_driver_is_resumed_on_s3(no_ray, s3, on_s3, tmp_path):
     assert success["rows_read"] == success["rows_written"] == ROWS
 
 
-def test_overwrite_on_s3_after_a_failing_run_keeps_the_old_output(no_ray, s3, on_s3, tmp_path):
+def test_overwrite_on_s3_after_a_failing_run_keeps_the_old_output(ray_address, s3, on_s3, tmp_path):
     fs, env = s3
     config, out = s3_config(on_s3, tmp_path), f"s3://{BUCKET}/out-overwrite"
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(40, seed=2)))
     upload(fs, small, "small40/small.jsonl")
-    first = score(config, f"s3://{BUCKET}/small40/small.jsonl", out, env)
+    first = score(config, f"s3://{BUCKET}/small40/small.jsonl", out, env, ray_address)
     assert first.returncode == 0, first.stderr[-3000:]
     old_success = Location.of(out).join("_SUCCESS").read_bytes()
     old = read_output(out)
@@ -167,7 +191,9 @@ def test_overwrite_on_s3_after_a_failing_run_keeps_the_old_output(no_ray, s3, on
 
     # The second run dies mid-job: the old output stays whole and marked complete.
     log = tmp_path / "log"
-    proc = score(config, f"s3://{BUCKET}/in/in.jsonl", out, env, "--overwrite", wait=False, log=log)
+    idle = free_cpus()
+    inp = f"s3://{BUCKET}/in/in.jsonl"
+    proc = score(config, inp, out, env, ray_address, "--overwrite", wait=False, log=log)
     try:
         deadline = time.monotonic() + 300
         while len([k for k in keys(fs, "out-overwrite") if k.startswith("part-")]) < 2:
@@ -175,7 +201,8 @@ def test_overwrite_on_s3_after_a_failing_run_keeps_the_old_output(no_ray, s3, on
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        kill_tree(proc)
+        kill_tree(proc)  # the driver
+    wait_for_free_cpus(idle)  # Ray has ended its job
     assert Location.of(out).join("_SUCCESS").read_bytes() == old_success
     assert read_output(out).equals(old)
 
@@ -187,7 +214,7 @@ def test_overwrite_on_s3_after_a_failing_run_keeps_the_old_output(no_ray, s3, on
         "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True))
     )
     upload(fs, new, "new30/new.jsonl")
-    again = score(config, f"s3://{BUCKET}/new30/new.jsonl", out, env, "--overwrite")
+    again = score(config, f"s3://{BUCKET}/new30/new.jsonl", out, env, ray_address, "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_output(out).column("id").to_pylist() == ids
     whole = ds.dataset(f"{BUCKET}/out-overwrite", filesystem=fs, format="parquet").to_table()

@@ -384,7 +384,8 @@ def test_error_rows_have_null_tags_entities_and_probs(taggers):
 # --- end to end: `ray-ensemble score` ---------------------------------------------------------
 
 
-def test_score_writes_the_token_columns(no_ray, taggers, tmp_path):
+def test_score_writes_the_token_columns(ray_address, taggers, tmp_path):
+    """`ray-ensemble score` as a user runs it, joined to the session's Ray."""
     import subprocess
     import sys
 
@@ -419,8 +420,8 @@ def test_score_writes_the_token_columns(no_ray, taggers, tmp_path):
             str(tmp_path / "in.jsonl"),
             "--output",
             str(tmp_path / "out"),
-            "--num-cpus",
-            "2",
+            "--address",
+            ray_address,
         ],
         capture_output=True,
         text=True,
