@@ -286,10 +286,11 @@ def _numpy_stack(probs, doc, members, r):
     return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
 
 
-def test_stacking_cascade_uses_each_prefix_meta_model(setup):
-    """With stacking, the ensemble so far after each stage is its prefix's own
-    meta-model: rows stop on its top probability and are answered by it, across two
-    hosts, against the stacking formula computed row by row."""
+@pytest.fixture(scope="module")
+def stacked(setup):
+    """A stacking cascade: a meta-model per stage prefix (written beside the config),
+    thresholds from their own answers so that rows stop at every stage, and what the
+    stacking formula, computed row by row, says of each row."""
     tmp = setup["tmp"]
     probs = setup["probs"]
     rng = np.random.default_rng(5)
@@ -326,17 +327,30 @@ def test_stacking_cascade_uses_each_prefix_meta_model(setup):
         "reducer": {"combine": "stacking", "stacking": "cs.stacking.json"},
         "cascade": {"stages": [["alpha"], ["beta"], ["gamma"]], "exit_at": [first, second]},
     }
-    plan = plan_ensemble(config_from_dict(cfg, base_dir=tmp))
-    first_host = EnsembleHost(plan=plan, members=["alpha", "beta"], reduce=False)
-    second_host = EnsembleHost(plan=plan, members=["gamma"], reduce=False)
-    rows = reduce_batch(second_host(first_host(_table(TEXTS))), plan=plan).to_pylist()
-    assert [r["id"] for r in rows] == [f"r{i}" for i in range(n)]
+    return {"cfg": cfg, "by_prefix": by_prefix, "stage": stage}
+
+
+def check_stacked_rows(rows, stacked):
+    """Each row's stage, answer and members as the prefix meta-models say."""
+    by_prefix, stage = stacked["by_prefix"], stacked["stage"]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(stage))]
     for r, row in enumerate(rows):
         k = int(stage[r])
         assert row["cascade_stage"] == k, (r, row)
         np.testing.assert_allclose(row["probs"], by_prefix[k - 1][r], atol=1e-5)
         assert row["label"] == LABELS[int(np.argmax(by_prefix[k - 1][r]))]
         assert [row[f"probs__{m}"] is None for m in NAMES] == [i >= k for i in range(3)]
+
+
+def test_stacking_cascade_uses_each_prefix_meta_model(setup, stacked):
+    """With stacking, the ensemble so far after each stage is its prefix's own
+    meta-model: rows stop on its top probability and are answered by it, across two
+    hosts, against the stacking formula computed row by row."""
+    plan = plan_ensemble(config_from_dict(stacked["cfg"], base_dir=setup["tmp"]))
+    first_host = EnsembleHost(plan=plan, members=["alpha", "beta"], reduce=False)
+    second_host = EnsembleHost(plan=plan, members=["gamma"], reduce=False)
+    rows = reduce_batch(second_host(first_host(_table(TEXTS))), plan=plan).to_pylist()
+    check_stacked_rows(rows, stacked)
 
 
 # --- offline on Ray Data, and online --------------------------------------------------------------
@@ -410,6 +424,49 @@ def test_online_cascade_equals_offline(offline, setup):
                 off[f"probs__{name}"],
                 atol=1e-5,
             )
+
+
+def test_stacking_cascade_offline_across_hosts_and_online(ray_cluster, setup, stacked):
+    """The stacking cascade on Ray: offline with gamma on a host of its own, every row
+    once and as the prefix meta-models say; served, the same answers."""
+    from ray import serve
+
+    from pipelines.offline import score
+    from pipelines.online import build_app
+    from tests.test_online import free_port, post
+
+    tmp = setup["tmp"]
+    cfg = stacked["cfg"]
+    cfg = {
+        **cfg,
+        "members": [{**m, "own_host": True} if m["name"] == "gamma" else m for m in cfg["members"]],
+    }
+    plan = plan_ensemble(config_from_dict(cfg, base_dir=tmp))
+    src = tmp / "stacked.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS))
+    )
+    score(plan, src, tmp / "stacked-out")
+    rows = pq.read_table(sorted((tmp / "stacked-out").glob("*.parquet"))).to_pylist()
+    rows.sort(key=lambda r: int(r["id"][1:]))
+    check_stacked_rows(rows, stacked)
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(plan), name="stk", route_prefix="/stk")
+    try:
+        online = []
+        for i in range(0, len(TEXTS), 16):
+            r = post(f"http://127.0.0.1:{port}/stk", {"inputs": TEXTS[i : i + 16]})
+            assert r.status_code == 200, r.text
+            online += r.json()["predictions"]
+    finally:
+        serve.delete("stk")
+        serve.shutdown()
+    for on, off in zip(online, rows, strict=True):
+        assert on["cascade_stage"] == off["cascade_stage"] and on["label"] == off["label"]
+        np.testing.assert_allclose([on["probs"][lab] for lab in LABELS], off["probs"], atol=1e-5)
+        assert sorted(on["members"]) == NAMES[: off["cascade_stage"]]
 
 
 # --- fit --cascade --------------------------------------------------------------------------------
