@@ -512,7 +512,9 @@ class EnsembleConfig(_Strict):
                 f"members; use at most {len(self.members)}, or leave it out for all"
             )
         if quorum is not None and quorum < len(self.members):
-            get_task(self.task).check_partial(self, "serve.min_members below the member count")
+            get_task(self.task).check_partial(
+                self, "serve.min_members below the member count", any_member=True
+            )
         if self.cascade is not None:
             self._check_cascade(names)
         return self
@@ -533,7 +535,7 @@ class EnsembleConfig(_Strict):
                 f"cascade.stages: {left} are in no stage; every member runs in exactly one "
                 "(put costly members in the last stage)"
             )
-        get_task(self.task).check_partial(self, "cascade")
+        get_task(self.task).check_partial(self, "cascade", any_member=False)
 
     def output_columns(self) -> list[str]:
         """The columns the scorer adds to each input row, in order."""

@@ -239,9 +239,11 @@ class Task:
                 f"{list(self.combine_methods)}"
             )
 
-    def check_partial(self, cfg: Any, why: str) -> None:
+    def check_partial(self, cfg: Any, why: str, *, any_member: bool) -> None:
         """Raise ValueError unless this task can answer a row from some of its members
-        (a quorum online, a cascade); ``why`` names the setting that asks for it."""
+        (a quorum online, a cascade); ``why`` names the setting that asks for it.
+        ``any_member``: any member may be missing (a quorum), not only the later stages'
+        (a cascade)."""
         raise ValueError(
             f"{why}: {self.name} ensembles need every member for every row (the combined "
             "answer would change shape or meaning without one); remove the setting"

@@ -163,11 +163,11 @@ class ClassificationTask(Task):
                 "one with `ray-ensemble fit CONFIG --combine stacking ...`"
             )
 
-    def check_partial(self, cfg: Any, why: str) -> None:
+    def check_partial(self, cfg: Any, why: str, *, any_member: bool) -> None:
         # The other combinations renormalise the weights over the members present; a
         # cascade's stage prefixes have meta-models of their own (checked in the plan,
         # which reads the file), but a quorum can miss any member.
-        if cfg.reducer.combine == "stacking" and why != "cascade":
+        if cfg.reducer.combine == "stacking" and any_member:
             raise ValueError(
                 f"{why}: the stacking meta-model reads every member's output; use "
                 "weighted_mean or geometric_mean, or remove the setting"
