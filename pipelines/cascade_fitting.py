@@ -256,19 +256,18 @@ def fit_cascade(
     if method == "stacking":
         if labels is None:
             raise ValueError("fit_cascade: stacking needs the labels")
-        subset = held_out_stacking(probs, y, labels, seed)
-        full_prefix = subset(range(len(names)))
+        ensemble = held_out_stacking(probs, y, labels, seed)
     else:
-        full_prefix = combine(probs, w, method, multi_label=False)
+
+        def ensemble(members: Sequence[int]) -> np.ndarray:
+            idx = list(members)
+            return combine(probs[idx], w[idx], method, multi_label=False)
+
+    full_prefix = ensemble(range(len(names)))
     table = []
     for order in ordered_splits(names):
         stages = [[index[n] for n in stage] for stage in order]
-        if method == "stacking":
-            prefix = [
-                subset([m for stage in stages[: i + 1] for m in stage]) for i in range(len(stages))
-            ]
-        else:
-            prefix = stage_prefixes(probs, w, method, stages)
+        prefix = [ensemble([m for st in stages[: i + 1] for m in st]) for i in range(len(stages))]
         stage_cost = np.array([cost[s].sum() for s in stages])
         for exit_at in _grids(len(stages)):
             table.append((order, exit_at, prefix, stage_cost))
@@ -408,7 +407,7 @@ def fit_cascade_block(
     temperatures, weights and combination. Returns the config's ``cascade`` block (empty
     when no candidate keeps the bounds), the candidates table, and ``result`` with, for
     stacking, a meta-model per stage prefix. Ray must be running."""
-    from pipelines.fitting import calibrated, prefix_meta_models
+    from pipelines.fitting import calibrated, with_prefix_models
 
     costs = measure_member_costs(plan, texts, cpu_fallback=cpu_fallback)
     probs = calibrated(data.logits, result.temperatures)
@@ -430,8 +429,9 @@ def fit_cascade_block(
             "exit_at": [float(t) for t in fit.chosen.exit_at],
         }
         if result.stacking is not None:
-            prefixes = prefix_meta_models(fit.chosen.stages, probs, data.y, labels, data.names)
-            stacking = dataclasses.replace(result.stacking, prefixes=prefixes)
+            stacking = with_prefix_models(
+                result.stacking, fit.chosen.stages, probs, data.y, data.names
+            )
             result = dataclasses.replace(result, stacking=stacking)
     return block, render_cascade(fit, costs), result
 

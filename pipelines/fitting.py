@@ -44,7 +44,7 @@ from pipelines.io import (
     require_column,
 )
 from pipelines.plan import EnsemblePlan, without_cascade
-from pipelines.stacking import StackingModel
+from pipelines.stacking import StackingModel, prefix_members
 
 __all__ = [
     "FITTED_COMBINE",
@@ -58,9 +58,9 @@ __all__ = [
     "fit_ensemble",
     "fit_temperature",
     "fit_weights",
-    "prefix_meta_models",
     "nll",
     "render_fit",
+    "with_prefix_models",
     "write_fitted_config",
 ]
 
@@ -264,21 +264,21 @@ def fit_stacking(
     return StackingModel(tuple(labels), tuple(members), coef, intercept)
 
 
-def prefix_meta_models(
+def with_prefix_models(
+    model: StackingModel,
     stages: Sequence[Sequence[str]],
     probs: np.ndarray,
     y: np.ndarray,
-    labels: Sequence[str],
     names: Sequence[str],
-) -> tuple[StackingModel, ...]:
-    """The stacking meta-models of a cascade's stage prefixes but the last (that one is
-    the ensemble's own), each fitted on every row, members in the config's order."""
-    out = []
-    for i in range(1, len(stages)):
-        run = {m for stage in stages[:i] for m in stage}
-        idx = [j for j, n in enumerate(names) if n in run]
-        out.append(fit_stacking(probs[idx], y, list(labels), [names[j] for j in idx]))
-    return tuple(out)
+) -> StackingModel:
+    """``model`` with a meta-model for each of a cascade's stage prefixes but the last
+    (that one is ``model`` itself), each fitted on every row of ``probs`` (calibrated,
+    ``(M, n, L)``, members as ``names``)."""
+    prefixes = tuple(
+        fit_stacking(probs[list(idx)], y, list(model.labels), [names[j] for j in idx])
+        for idx in prefix_members(stages, names)
+    )
+    return dataclasses.replace(model, prefixes=prefixes)
 
 
 CV_FOLDS = 5
@@ -505,8 +505,7 @@ def fit_ensemble(plan: EnsemblePlan, data: LabelledOutputs, method: str = AUTO) 
     )
     if model is not None and cfg.cascade is not None:
         # The config's own cascade keeps working: a meta-model for each of its prefixes.
-        prefixes = prefix_meta_models(cfg.cascade.stages, after, y, list(cfg.labels), data.names)
-        model = dataclasses.replace(model, prefixes=prefixes)
+        model = with_prefix_models(model, cfg.cascade.stages, after, y, data.names)
     ensemble_before = _ensemble_nll(before, before_w, cfg.reducer.combine, plan.stacking, y)
     ensemble_after = _ensemble_nll(after, weights, chosen, model, y)
     return FitResult(

@@ -72,13 +72,7 @@ class StackingModel:
         """The stage prefixes of a cascade (all but the last) this file has no
         meta-model for, each in the config's order."""
         have = self.by_members(names)
-        out = []
-        for i in range(1, len(stages)):
-            run = {m for stage in stages[:i] for m in stage}
-            key = tuple(j for j, n in enumerate(names) if n in run)
-            if key not in have:
-                out.append([names[j] for j in key])
-        return out
+        return [[names[j] for j in key] for key in prefix_members(stages, names) if key not in have]
 
     @classmethod
     def load(cls, path: str | Path, cfg: EnsembleConfig) -> StackingModel:
@@ -119,6 +113,19 @@ class StackingModel:
                 cls(labels, sub, *_weights(entry, len(labels), len(sub), f"{where}: prefixes[{k}]"))
             )
         return cls(labels, members, *_weights(doc, len(labels), len(members), where), tuple(parsed))
+
+
+def prefix_members(stages: Sequence[Sequence[str]], names: Sequence[str]) -> list[tuple[int, ...]]:
+    """The members run by each stage prefix of a cascade but the last (that one is every
+    member), as indices in ``names`` (the config's members), in that order.
+
+    >>> prefix_members([["c"], ["a"], ["b"]], ["a", "b", "c"])
+    [(2,), (0, 2)]
+    """
+    return [
+        tuple(j for j, n in enumerate(names) if any(n in stage for stage in stages[:i]))
+        for i in range(1, len(stages))
+    ]
 
 
 def _weights(

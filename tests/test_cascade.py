@@ -520,7 +520,7 @@ def test_stacking_cascade_fit_judges_each_prefix_on_held_out_rows():
 
     from actors.reducer import stacking_features
     from pipelines.cascade_fitting import fit_cascade
-    from pipelines.fitting import prefix_meta_models
+    from pipelines.fitting import fit_stacking, with_prefix_models
 
     rng = np.random.default_rng(4)
     n = 1500
@@ -558,7 +558,9 @@ def test_stacking_cascade_fit_judges_each_prefix_on_held_out_rows():
     assert fit.chosen.accuracy == pytest.approx(np.mean(p.argmax(-1) == y))
     np.testing.assert_allclose(fit.chosen.shares, np.bincount(ran - 1, minlength=len(stages)) / n)
 
-    metas = prefix_meta_models(fit.chosen.stages, probs, y, LABELS, names)
+    metas = with_prefix_models(
+        fit_stacking(probs, y, LABELS, names), fit.chosen.stages, probs, y, names
+    ).prefixes
     assert len(metas) == len(stages) - 1
     for k, meta in enumerate(metas, start=1):
         idx = sorted(m for s in stages[:k] for m in s)
